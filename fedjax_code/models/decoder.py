@@ -1,0 +1,193 @@
+"""A Llama-style decoder-only LM in flax.linen (Touvron et al. 2023).
+
+Pre-norm RMSNorm blocks with causal self-attention using rotary position embeddings (Su et al. 2021),
+optional grouped-query attention (Ainslie et al. 2023) and a SwiGLU MLP (Shazeer 2020); no biases.
+Parameter names follow HF Llama/Qwen2 (``embed_tokens``, ``layers_{i}/self_attn/q_proj``, ...) so
+checkpoints map onto it; Dense kernels are stored [in, out], i.e. transposed relative to torch.
+
+``init``/``apply`` are pure: params are a plain dict of float32 arrays that can be stacked on a leading
+client axis and vmapped. The attention is split into ``Attention.qkv`` (projection + RoPE), the free
+function ``attend`` (the math, given an explicit mask) and ``Attention.out`` so that a KV cache can be
+threaded between them later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_code.models.scales import ModelConfig
+
+PARAM_DTYPE = jnp.float32
+INIT_STD = 0.02
+
+
+def compute_dtype(config: ModelConfig):
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding of x [B,T,H,D] at integer positions [B,T] (Su et al. 2021).
+
+    Uses the HF "rotate_half" layout (pairs dimension i with i + D/2), so HF Llama/Qwen2 q/k weights
+    apply unchanged. Computed in float32 and cast back to x.dtype.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
+    """Boolean [1,T,S] mask; query i (the last q_len of kv_len positions) sees keys j <= its index."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_idx = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    return (jnp.arange(kv_len)[None, :] <= q_idx)[None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention: q [B,T,H,D], k/v [B,S,KV,D], mask broadcastable to [B,T,S].
+
+    KV heads are repeated H/KV times (GQA). Scores and softmax in float32; output in v.dtype.
+    """
+    n_rep = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, n_rep, axis=2), jnp.repeat(v, n_rep, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD) -> nn.Dense:
+    """A bias-free Dense with float32 params; ``name`` is left out inside ``setup`` (attribute names)."""
+    kw = {} if name is None else {"name": name}
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=PARAM_DTYPE,
+                    kernel_init=nn.initializers.normal(std), **kw)
+
+
+def _out_std(config: ModelConfig) -> float:
+    """Residual-output projections are scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""
+    return INIT_STD / math.sqrt(2 * config.n_layers)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale (param ``weight``); normalises in float32, returns ``dtype``."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), PARAM_DTYPE)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * w).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query self-attention with RoPE."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c, dt = self.config, compute_dtype(self.config)
+        self.q_proj = _dense(c.n_heads * c.head_dim, dt)
+        self.k_proj = _dense(c.n_kv_heads * c.head_dim, dt)
+        self.v_proj = _dense(c.n_kv_heads * c.head_dim, dt)
+        self.o_proj = _dense(c.d_model, dt, std=_out_std(c))
+
+    def qkv(self, x, positions):
+        """Project x [B,T,d] to q [B,T,H,D] and k, v [B,T,KV,D], with RoPE applied to q and k."""
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+    def out(self, y):
+        """Merge heads of y [B,T,H,D] and project back to [B,T,d]."""
+        return self.o_proj(y.reshape(*y.shape[:2], -1))
+
+    def __call__(self, x, positions, mask):
+        q, k, v = self.qkv(x, positions)
+        return self.out(attend(q, k, v, mask))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt = self.config, compute_dtype(self.config)
+        h = nn.silu(_dense(c.d_ff, dt, "gate_proj")(x)) * _dense(c.d_ff, dt, "up_proj")(x)
+        return _dense(c.d_model, dt, "down_proj", std=_out_std(c))(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c, dt = self.config, compute_dtype(self.config)
+        x = x + Attention(c, name="self_attn")(RMSNorm(c.norm_eps, dt, name="input_layernorm")(x), positions, mask)
+        return x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x))
+
+
+class Decoder(nn.Module):
+    """The LM: ``apply({'params': p}, tokens[B,T] int32, positions=None) -> logits [B,T,V] float32``.
+
+    ``positions`` ([T] or [B,T], default 0..T-1) only set the RoPE phases; the causal mask is by index.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None):
+        c, dt = self.config, compute_dtype(self.config)
+        b, t = tokens.shape
+        if t > c.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len {c.max_len}")
+        positions = jnp.arange(t) if positions is None else jnp.asarray(positions)
+        positions = jnp.broadcast_to(positions, (b, t))
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=PARAM_DTYPE,
+                         embedding_init=nn.initializers.normal(INIT_STD), name="embed_tokens")
+        x = embed(tokens)
+        mask = causal_mask(t)
+        for i in range(c.n_layers):
+            x = DecoderLayer(c, name=f"layers_{i}")(x, positions, mask)
+        x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        logits = embed.attend(x) if c.tie_embeddings else _dense(c.vocab_size, dt, "lm_head")(x)
+        return logits.astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+    """Fresh float32 params for ``Decoder(config)`` (a plain nested dict)."""
+    tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
+    return Decoder(config).init(key, tokens)["params"]
+
+
+def num_params(params) -> int:
+    """Total number of scalars in a params pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def loss_fn(params, config: ModelConfig, batch: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of batch [B,T+1] int32; mask [B,T] weights the T targets."""
+    logits = Decoder(config).apply({"params": params}, batch[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+    if mask is None:
+        return ce.mean()
+    mask = mask.astype(jnp.float32)
+    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
