@@ -1,0 +1,74 @@
+"""Shared pieces of a federated round: the algorithm interface, vmapped clients, server step, metrics.
+
+A round is `apply(server_state, client_states, cohort) -> (server_state, client_states, metrics)`:
+vmap(client_update) over the cohort -> masked weighted aggregate -> server optax update with the
+negative mean delta as pseudo-gradient (Reddi et al. 2021, "Adaptive Federated Optimization").
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..aggregate import normalized_weights
+from ..client import LossFn, client_update
+from ..state import ClientStates, Cohort, PyTree, ServerState
+
+
+class FederatedAlgorithm(NamedTuple):
+    """init(params, num_clients) -> (ServerState, ClientStates | None);
+    apply(server_state, client_states, cohort) -> (ServerState, ClientStates | None, metrics dict).
+    Both are pure; `apply` is jittable (see `jit_round`)."""
+
+    init: Callable[..., tuple[ServerState, ClientStates | None]]
+    apply: Callable[[ServerState, ClientStates | None, Cohort], tuple[ServerState, ClientStates | None, dict]]
+
+
+def jit_round(algorithm: FederatedAlgorithm, donate: bool = True):
+    """jax.jit(algorithm.apply), donating the server and client states. Build it once and reuse it:
+    shardings come from the inputs (see `federated.sharding`), so the same code runs on 1 or N devices.
+    Donated inputs must not be used after the call."""
+    return jax.jit(algorithm.apply, donate_argnums=(0, 1) if donate else ())
+
+
+def server_init(params: PyTree, server_opt: optax.GradientTransformation, extras: PyTree = None) -> ServerState:
+    return ServerState(params=params, opt_state=server_opt.init(params), round=jnp.zeros((), jnp.int32), extras=extras)
+
+
+def run_clients(
+    params: PyTree,
+    cohort: Cohort,
+    client_opt: optax.GradientTransformation,
+    loss_fn: LossFn,
+    corrections: PyTree | None = None,
+    penalty: Callable[[PyTree], jax.Array] | None = None,
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """vmap(client_update) over the cohort from the shared `params`: (deltas [C,...], losses [C], taus [C]).
+    `corrections`, if given, is per client [C, ...]."""
+
+    def one(batches, step_mask, corr):
+        return client_update(params, batches, step_mask, client_opt, loss_fn, corr, penalty)
+
+    axes = (0, 0, None if corrections is None else 0)
+    return jax.vmap(one, in_axes=axes)(cohort.batches, cohort.step_mask, corrections)
+
+
+def server_step(state: ServerState, mean_delta: PyTree, server_opt: optax.GradientTransformation) -> ServerState:
+    """Apply the server optimizer to the pseudo-gradient -mean_delta and advance the round counter."""
+    pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
+    updates, opt_state = server_opt.update(pseudo_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, round=state.round + 1)
+
+
+def round_metrics(losses: jax.Array, taus: jax.Array, cohort: Cohort) -> dict:
+    """train_loss (weighted mean over participants), participants (count), mean_tau (over participants)."""
+    mask = cohort.mask.astype(bool)
+    p = normalized_weights(cohort.weights, mask)
+    n = mask.sum(dtype=jnp.int32)
+    return {
+        "train_loss": jnp.sum(jnp.where(mask, p * losses, 0.0)),
+        "participants": n,
+        "mean_tau": jnp.where(mask, taus, 0).sum() / jnp.maximum(n, 1).astype(jnp.float32),
+    }

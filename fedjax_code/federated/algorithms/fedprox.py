@@ -1,0 +1,43 @@
+"""FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): each client
+minimises loss + mu/2 ||w - w_global||^2; the server averages as in FedAvg."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..aggregate import aggregate
+from ..client import LossFn
+from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+
+
+def proximal_term(anchor, mu: float):
+    """w -> mu/2 ||w - anchor||^2 (summed over all leaves)."""
+
+    def penalty(params):
+        sq = jax.tree.map(lambda w, a: jnp.sum(jnp.square(w - jax.lax.stop_gradient(a))), params, anchor)
+        return 0.5 * mu * sum(jax.tree.leaves(sq))
+
+    return penalty
+
+
+def fedprox(
+    loss_fn: LossFn,
+    client_opt: optax.GradientTransformation,
+    mu: float,
+    server_opt: optax.GradientTransformation | None = None,
+) -> FederatedAlgorithm:
+    """FedProx with proximal strength `mu` (mu=0 is FedAvg). The reported train_loss excludes the
+    proximal term. Stateless clients; server default optax.sgd(1.0)."""
+    server_opt = optax.sgd(1.0) if server_opt is None else server_opt
+
+    def init(params, num_clients=None):
+        del num_clients
+        return server_init(params, server_opt), None
+
+    def apply(state, client_states, cohort):
+        penalty = proximal_term(state.params, mu)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, penalty=penalty)
+        state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
+        return state, client_states, round_metrics(losses, taus, cohort)
+
+    return FederatedAlgorithm(init, apply)

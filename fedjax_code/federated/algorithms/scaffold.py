@@ -1,0 +1,52 @@
+"""SCAFFOLD, option II (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for
+Federated Learning")."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..aggregate import aggregate, weighted_sum
+from ..client import LossFn
+from ..state import gather, init_client_states, scatter
+from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+
+
+def _per_client(v, x):
+    return v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def scaffold(
+    loss_fn: LossFn, client_lr: float, server_opt: optax.GradientTransformation | None = None
+) -> FederatedAlgorithm:
+    """SCAFFOLD with control variates, option II.
+
+    The local solver is plain SGD with learning rate `client_lr` (built here: option II needs the
+    known lr): gradients are corrected by (c - c_i). After tau_i steps from x to y_i:
+    c_i^+ = c_i - c + (x - y_i) / (tau_i * lr);  c <- c + (|S|/N) * mean_{i in S}(c_i^+ - c_i), N = K.
+    The server applies `server_opt` (default optax.sgd(1.0), the paper's eta_g = 1) to -mean delta,
+    weighted by the cohort weights (pass uniform weights for the paper's plain mean).
+    State: c in ServerState.extras; c_i stacked [K, ...] in ClientStates, gathered/scattered for the
+    cohort only (masked clients keep their c_i and do not move c).
+    """
+    server_opt = optax.sgd(1.0) if server_opt is None else server_opt
+    client_opt = optax.sgd(client_lr)
+
+    def init(params, num_clients):
+        c = jax.tree.map(jnp.zeros_like, params)
+        return server_init(params, server_opt, extras=c), init_client_states(params, num_clients)
+
+    def apply(state, client_states, cohort):
+        c, n = state.extras, jax.tree.leaves(client_states)[0].shape[0]
+        c_i = gather(client_states, cohort.ids)
+        corr = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr)
+        inv = 1.0 / (jnp.maximum(taus, 1).astype(jnp.float32) * client_lr)
+        c_new = jax.tree.map(lambda ci, cg, d: ci - cg[None] - d * _per_client(inv, d), c_i, c, deltas)
+        dc = jax.tree.map(jnp.subtract, c_new, c_i)
+        c_sum = weighted_sum(dc, jnp.full(cohort.mask.shape, 1.0 / n), cohort.mask)
+        state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
+        state = state.replace(extras=jax.tree.map(jnp.add, c, c_sum))
+        client_states = scatter(client_states, cohort.ids, c_new, cohort.mask)
+        return state, client_states, round_metrics(losses, taus, cohort)
+
+    return FederatedAlgorithm(init, apply)
