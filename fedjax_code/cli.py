@@ -65,6 +65,26 @@ def _data_shards(args) -> None:
     print(json.dumps({"out": str(out), "clients": len(train), "train_tokens_min_max": [int(train.min()), int(train.max())]}))
 
 
+def _model_info(args) -> None:
+    from fedjax_code.models import get_preset, model_info, scale
+
+    try:
+        base = get_preset(args.preset)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(json.dumps(model_info(scale(base, args.scale)), indent=1))
+
+
+def _train(args) -> None:
+    from fedjax_code.config import load_experiment
+    from fedjax_code.experiments.run import train
+
+    cfg = load_experiment(args.config, args.overrides)
+    summary = train(cfg, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
+    keys = ("rounds", "final_train_loss", "eval_loss", "client_eval_loss_worst10", "tokens_seen", "train_tokens_per_s", "comm_mb")
+    print(json.dumps({"out": str(args.out), **{k: summary[k] for k in keys}}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-code", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--heldout-frac", type=float, default=0.1)
     p.set_defaults(run=_data_shards)
+
+    model = commands.add_parser("model", help="model configurations").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("info", help="sizes and FLOPs of a preset at a scaling factor, as JSON")
+    p.add_argument("--preset", default="cpu-1", help="base preset (cpu-0.25 ... cpu-4, gpu-0.25 ... gpu-4)")
+    p.add_argument("--scale", type=float, default=1.0, help="scaling factor applied to the preset")
+    p.set_defaults(run=_model_info)
+
+    p = commands.add_parser("train", help="one federated training run (prepares its data if needed)")
+    p.add_argument("--config", default=None, help="TOML file (default: built-in defaults)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    p.set_defaults(run=_train)
     return parser
 
 

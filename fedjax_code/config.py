@@ -66,3 +66,187 @@ class PartitionConfig:
         _require(self.alpha > 0, f"alpha must be > 0 (a Dirichlet concentration), not {self.alpha}")
         _require(self.groups_per_client >= 1, f"groups per client must be at least 1, not {self.groups_per_client}")
         _require(self.min_client_examples >= 1, "min_client_examples must be at least 1")
+
+
+ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fednova")
+
+
+@dataclass(frozen=True)
+class ClientDataConfig:
+    """How the prepared corpus becomes client shards (the ``[data]`` keys beyond DataConfig's)."""
+
+    partition: str = "iid"
+    clients: int = 16
+    alpha: float = 0.5
+    groups_per_client: int = 2
+    min_client_examples: int = 2
+    heldout_frac: float = 0.1
+
+    def __post_init__(self):
+        self.partition_config(0)  # validates scheme, clients, alpha, ...
+        _require(0 <= self.heldout_frac < 1, f"data.heldout_frac must be in [0, 1), not {self.heldout_frac}")
+
+    def partition_config(self, seed: int) -> PartitionConfig:
+        return PartitionConfig(self.partition, self.clients, self.alpha, self.groups_per_client,
+                               self.min_client_examples, seed)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: a base preset (see ``fedjax-code model info``) scaled by ``scale``."""
+
+    base: str = "cpu-1"
+    scale: float = 1.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _require(self.scale > 0, f"model.scale must be positive, not {self.scale}")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """``[federated]``: the algorithm, participation and local work."""
+
+    algorithm: str = "fedavg"
+    participation: float = 0.25
+    rounds: int = 20
+    local_steps: int = 4
+    local_steps_mode: str = "fixed"
+    batch_size: int = 4
+    seq_len: int = 128
+    client_optimizer: str = "sgd"
+    client_lr: float = 0.5
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    mu: float = 0.01
+    dropout: float = 0.0
+    weighted_sampling: bool = False
+    weighting: str = "examples"
+
+    def __post_init__(self):
+        _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        _require(0 < self.participation <= 1, f"participation must be in (0, 1], not {self.participation}")
+        for name in ("rounds", "local_steps", "batch_size", "seq_len"):
+            _require(getattr(self, name) >= 1, f"federated.{name} must be at least 1, not {getattr(self, name)}")
+        _require(self.local_steps_mode in ("fixed", "random", "proportional"),
+                 f"local_steps_mode must be fixed, random or proportional, not {self.local_steps_mode!r}")
+        _require(self.client_optimizer in ("sgd", "adamw"), f"client_optimizer must be sgd or adamw, not {self.client_optimizer!r}")
+        _require(self.client_lr > 0 and self.server_lr > 0, "client_lr and server_lr must be positive")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}")
+        _require(self.mu >= 0, f"mu must be >= 0, not {self.mu}")
+        _require(self.weighting in ("examples", "uniform"), f"weighting must be examples or uniform, not {self.weighting!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: evaluation and checkpoint cadence."""
+
+    eval_every: int = 5
+    eval_windows: int = 4
+    checkpoint_every: int = 10
+
+    def __post_init__(self):
+        for name in ("eval_every", "eval_windows", "checkpoint_every"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, not {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole training run. TOML sections: [data] [model] [federated] [train]; ``seed`` at top level.
+
+    ``[data]`` takes the DataConfig keys (corpus and tokenizer) and the ClientDataConfig keys.
+    """
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    clients: ClientDataConfig = ClientDataConfig()
+    model: ModelSection = ModelSection()
+    federated: FederatedConfig = FederatedConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        """The TOML-shaped dict (``clients`` keys folded into ``data``)."""
+        d = dataclasses.asdict(self)
+        d["data"].update(d.pop("clients"))
+        return d
+
+
+_SECTIONS = {"model": ModelSection, "federated": FederatedConfig, "train": TrainConfig}
+
+
+def _coerce(key: str, value, default):
+    """Check a TOML value against the field's default type (ints are accepted for floats)."""
+    if isinstance(default, bool) or default is None:
+        ok = isinstance(value, bool) if isinstance(default, bool) else isinstance(value, (str, type(None)))
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    _require(ok, f"{key} must be {type(default).__name__ if default is not None else 'a string'}, not {value!r}")
+    return value
+
+
+def _build(cls, section: str, values: dict):
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    _require(not unknown, f"unknown key {section}.{unknown[0] if unknown else ''} (known: {', '.join(sorted(fields))})")
+    return cls(**{k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()})
+
+
+def experiment_from_dict(d: dict) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from a TOML-shaped dict."""
+    known = {"seed", "data", *_SECTIONS}
+    unknown = sorted(set(d) - known)
+    _require(not unknown, f"unknown section or key {unknown[0] if unknown else ''!r} (known: {', '.join(sorted(known))})")
+    data = dict(d.get("data", {}))
+    client_keys = {f.name for f in dataclasses.fields(ClientDataConfig)}
+    data_keys = client_keys | {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(data) - data_keys)
+    _require(not unknown, f"unknown key data.{unknown[0] if unknown else ''} (known: {', '.join(sorted(data_keys))})")
+    clients = {k: data.pop(k) for k in list(data) if k in client_keys}
+    return ExperimentConfig(
+        seed=_coerce("seed", d.get("seed", 0), 0),
+        data=_build(DataConfig, "data", data),
+        clients=_build(ClientDataConfig, "data", clients),
+        **{name: _build(cls, name, d.get(name, {})) for name, cls in _SECTIONS.items()},
+    )
+
+
+def _parse_value(text: str):
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as dirichlet
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` (or ``seed=value``) overrides to a TOML-shaped dict."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for item in overrides:
+        _require("=" in item, f"override {item!r} must look like section.key=value")
+        path, text = item.split("=", 1)
+        *sections, key = path.strip().split(".")
+        _require(len(sections) <= 1, f"override {item!r} must look like section.key=value")
+        target = d.setdefault(sections[0], {}) if sections else d
+        _require(isinstance(target, dict), f"{sections[0] if sections else path} is not a section")
+        target[key] = _parse_value(text.strip())
+    return d
+
+
+def load_experiment(path: str | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a TOML file (or start from the defaults), apply overrides, validate."""
+    import tomllib
+    from pathlib import Path
+
+    d = {}
+    if path is not None:
+        try:
+            d = tomllib.loads(Path(path).read_text())
+        except OSError:
+            raise UserError(f"cannot read config file {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"config file {path} is not valid TOML ({err})") from None
+    return experiment_from_dict(apply_overrides(d, list(overrides)))

@@ -1,8 +1,10 @@
 """Test setup: 4 fake CPU devices (set before JAX starts) and a small prepared corpus shared by the suite."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ["FEDJAX_CODE_CACHE"] = tempfile.mkdtemp(prefix="fedjax-code-test-cache-")  # runs prepare data here
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402

@@ -74,9 +74,11 @@ def test_small_client_samples_with_replacement_by_wrapping(shards):
 
 def test_heldout_windows_come_from_the_heldout_split(shards):
     _, split, end = shards.bounds[3]
-    windows = shards.heldout(3, seq_len=15, max_windows=100)
-    assert windows.shape == ((end - split) // 16, 16)
-    np.testing.assert_array_equal(windows.ravel(), shards.tokens[split : split + windows.size])
+    assert end - split == 600  # docs of 400 and 600 tokens: the boundary nearest 80% is at 400
+    windows = shards.heldout(3, seq_len=15, windows=20)  # 320 tokens: consecutive, no wrap
+    np.testing.assert_array_equal(windows.ravel(), shards.tokens[split : split + 320])
+    wrapped = shards.heldout(3, seq_len=15, windows=40)  # 640 tokens: wraps after 600
+    np.testing.assert_array_equal(wrapped.ravel(), shards.tokens[split + np.arange(640) % 600])
 
 
 def test_ten_thousand_clients_cost_offsets_only(tmp_path):

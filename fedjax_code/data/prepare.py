@@ -30,7 +30,11 @@ from fedjax_code.data import corpus
 from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
 from fedjax_code.errors import UserError
 
-DEFAULT_CACHE = Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code")) / "data"
+
+
+def default_cache() -> Path:
+    """Where prepared data goes without ``--out``: $FEDJAX_CODE_CACHE/data or ~/.cache/fedjax-code/data."""
+    return Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code")) / "data"
 
 
 def source_fingerprint(cfg: DataConfig, roots: list[Path] | None = None) -> dict:
@@ -64,7 +68,7 @@ def prepare(cfg: DataConfig, out: Path | None = None, roots: list[Path] | None =
             force: bool = False, progress: bool = True) -> Path:
     """Prepare the data for ``cfg`` in ``out`` (default: the cache), reusing a matching result."""
     key = data_key(cfg, roots)
-    out = Path(out) if out is not None else DEFAULT_CACHE / key
+    out = Path(out) if out is not None else default_cache() / key
     if is_prepared(out) and not force:
         if read_stats(out)["key"] == key:
             return out

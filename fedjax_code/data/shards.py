@@ -113,9 +113,9 @@ class ClientShards:
             out[i] = self._windows(start, split - start, starts, width).reshape(local_steps, batch_size, width)
         return out
 
-    def heldout(self, client_id: int, seq_len: int, max_windows: int) -> np.ndarray:
-        """Consecutive non-overlapping held-out windows int32 [W, T+1] of one client (W <= max_windows)."""
+    def heldout(self, client_id: int, seq_len: int, windows: int) -> np.ndarray:
+        """``windows`` consecutive held-out windows int32 [W, T+1] of one client, from the start of its
+        held-out stream; a stream shorter than W windows wraps (every client gives the same shape)."""
         _, split, end = self.bounds[client_id]
         width = seq_len + 1
-        count = int(min(max_windows, max((end - split) // width, 1)))
-        return self._windows(split, end - split, np.arange(count) * width, width)
+        return self._windows(split, end - split, np.arange(windows) * width, width)

@@ -1,0 +1,121 @@
+"""`fedjax-code train`: metrics, determinism, kill-and-resume equality, run-directory safety, divergence."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_code.checkpoint import Checkpointer
+from fedjax_code.config import load_experiment
+from fedjax_code.errors import UserError
+from fedjax_code.experiments.run import train
+
+TINY = [
+    "data.max_bytes=300000", "data.vocab_size=512", "data.partition=dirichlet", "data.clients=8",
+    "model.base=cpu-0.25", "federated.participation=0.5", "federated.rounds=4", "federated.local_steps=2",
+    "federated.batch_size=2", "federated.seq_len=32", "train.eval_every=2", "train.checkpoint_every=2",
+    "train.eval_windows=2",
+]
+TIMING = ("wall_s", "tokens_per_s", "includes_compile")
+
+
+def tiny(*extra):
+    return load_experiment(None, TINY + list(extra))
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def final_state(run_dir):
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    round_ = ckpt.latest_round()
+    cfg = tiny()
+    from fedjax_code.experiments.run import _Simulation
+
+    server, clients = _Simulation(cfg, progress=False).init_state()
+    return ckpt.restore(round_, server, clients)[:2]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    train(tiny(), out, progress=False)
+    return out
+
+
+def test_metrics_and_summary(uninterrupted):
+    rows = metrics(uninterrupted)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"train_loss", "tokens_seen", "bytes_up", "bytes_down"} <= set(r)
+        assert r["bytes_up"] == r["participants"] * r["bytes_down"] // 4  # cohort of 4 selected
+    assert [("eval_loss" in r) for r in rows] == [False, True, False, True]
+    assert rows[-1]["client_eval_loss_worst10"] >= rows[-1]["client_eval_loss_mean"]
+    assert rows[-1]["tokens_seen"] == 4 * 4 * 2 * 2 * 32
+    assert rows[-1]["eval_loss"] < rows[1]["eval_loss"]  # it learns
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["rounds"] == 4 and summary["eval_loss"] == rows[-1]["eval_loss"]
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_same_seed_same_metrics_other_seed_differs(uninterrupted, tmp_path):
+    train(tiny(), tmp_path / "b", progress=False)
+    assert metrics(tmp_path / "b") == metrics(uninterrupted)
+    train(tiny("seed=1"), tmp_path / "c", progress=False)
+    assert metrics(tmp_path / "c") != metrics(uninterrupted)
+
+
+def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY,
+           "federated.rounds=4", "train.checkpoint_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    with pytest.raises(UserError, match="unfinished run"):
+        train(tiny("train.checkpoint_every=1"), out, progress=False)
+    train(tiny("train.checkpoint_every=1"), out, resume=True, progress=False)
+    assert metrics(out) == metrics(uninterrupted)
+    (server_a, _), (server_b, _) = final_state(uninterrupted), final_state(out)
+    for a, b in zip(jax.tree.leaves(server_a), jax.tree.leaves(server_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+
+
+def test_finished_runs_are_not_overwritten(uninterrupted):
+    before = (uninterrupted / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="finished run"):
+        train(tiny(), uninterrupted, progress=False)
+    with pytest.raises(UserError, match="another configuration"):
+        train(tiny("federated.rounds=6"), uninterrupted, resume=True, progress=False)
+    assert (uninterrupted / "metrics.jsonl").read_bytes() == before
+
+
+def test_divergence_stops_with_one_sentence_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY,
+                           "train.checkpoint_every=1", "federated.client_lr=1e30"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "diverged at round" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "diverged at round 2" in proc.stderr and "last good checkpoint (round 1) is kept" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam"])
+def test_every_algorithm_trains(tmp_path, algorithm):
+    summary = train(tiny(f"federated.algorithm={algorithm}", "federated.rounds=2", "federated.server_lr=0.01"
+                         if algorithm == "fedadam" else "federated.server_lr=1.0",
+                         "federated.local_steps_mode=random"), tmp_path / algorithm, progress=False)
+    assert np.isfinite(summary["eval_loss"]) and summary["rounds"] == 2
