@@ -36,6 +36,16 @@ def server_init(params: PyTree, server_opt: optax.GradientTransformation, extras
     return ServerState(params=params, opt_state=server_opt.init(params), round=jnp.zeros((), jnp.int32), extras=extras)
 
 
+def stateless_init(server_opt: optax.GradientTransformation):
+    """``init`` of an algorithm without per-client state: (ServerState, None)."""
+
+    def init(params, num_clients=None):
+        del num_clients
+        return server_init(params, server_opt), None
+
+    return init
+
+
 def run_clients(
     params: PyTree,
     cohort: Cohort,

@@ -6,7 +6,7 @@ import optax
 
 from ..aggregate import aggregate
 from ..client import LossFn
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
 
 
 def server_optimizer(
@@ -40,13 +40,9 @@ def fedavg(
     optax.sgd(1.0), i.e. x <- x + weighted mean delta) to -mean delta. Stateless clients."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
-    def init(params, num_clients=None):
-        del num_clients
-        return server_init(params, server_opt), None
-
     def apply(state, client_states, cohort):
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 
-    return FederatedAlgorithm(init, apply)
+    return FederatedAlgorithm(stateless_init(server_opt), apply)

@@ -7,7 +7,7 @@ import optax
 
 from ..aggregate import normalized_weights, weighted_sum
 from ..client import LossFn
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
 
 
 def fednova(
@@ -19,10 +19,6 @@ def fednova(
     modelled here). Stateless clients; server default optax.sgd(1.0)."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
-    def init(params, num_clients=None):
-        del num_clients
-        return server_init(params, server_opt), None
-
     def apply(state, client_states, cohort):
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn)
         p = normalized_weights(cohort.weights, cohort.mask)
@@ -33,4 +29,4 @@ def fednova(
         state = server_step(state, update, server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 
-    return FederatedAlgorithm(init, apply)
+    return FederatedAlgorithm(stateless_init(server_opt), apply)

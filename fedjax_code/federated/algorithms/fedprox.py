@@ -7,7 +7,7 @@ import optax
 
 from ..aggregate import aggregate
 from ..client import LossFn
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
 
 
 def proximal_term(anchor, mu: float):
@@ -30,14 +30,10 @@ def fedprox(
     proximal term. Stateless clients; server default optax.sgd(1.0)."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
-    def init(params, num_clients=None):
-        del num_clients
-        return server_init(params, server_opt), None
-
     def apply(state, client_states, cohort):
         penalty = proximal_term(state.params, mu)
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, penalty=penalty)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 
-    return FederatedAlgorithm(init, apply)
+    return FederatedAlgorithm(stateless_init(server_opt), apply)
