@@ -24,6 +24,9 @@ class Checkpointer:
     def latest_round(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_rounds(self) -> list[int]:
+        return list(self._manager.all_steps())
+
     def save(self, round_: int, server, clients, meta: dict) -> None:
         state = ocp.args.StandardSave({"server": server, "clients": clients})
         self._manager.save(round_, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)))

@@ -37,9 +37,9 @@ def final_state(run_dir):
     ckpt = Checkpointer(run_dir / "checkpoints")
     round_ = ckpt.latest_round()
     cfg = tiny()
-    from fedjax_code.experiments.run import _Simulation
+    from fedjax_code.experiments.run import Simulation
 
-    server, clients = _Simulation(cfg, progress=False).init_state()
+    server, clients = Simulation(cfg, progress=False).init_state()
     return ckpt.restore(round_, server, clients)[:2]
 
 
@@ -90,6 +90,19 @@ def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
     (server_a, _), (server_b, _) = final_state(uninterrupted), final_state(out)
     for a, b in zip(jax.tree.leaves(server_a), jax.tree.leaves(server_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+
+
+def test_load_trained_returns_the_final_params(uninterrupted):
+    from fedjax_code.experiments.run import load_trained
+
+    cfg, model, params, tokenizer, round_ = load_trained(uninterrupted)
+    assert round_ == 4 and model.vocab_size == len(tokenizer) == 512
+    server, _ = final_state(uninterrupted)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(server.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert load_trained(uninterrupted, uninterrupted / "checkpoints" / "2")[4] == 2
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_trained(uninterrupted, uninterrupted / "checkpoints" / "3")
 
 
 def test_finished_runs_are_not_overwritten(uninterrupted):

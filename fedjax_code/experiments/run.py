@@ -55,7 +55,7 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-class _Simulation:
+class Simulation:
     """Everything fixed for a run: shards, model, jitted round and evaluation, device placement."""
 
     def __init__(self, cfg: ExperimentConfig, progress: bool):
@@ -96,7 +96,7 @@ class _Simulation:
         return fairness(losses, self.heldout_tokens)
 
 
-def _round_row(sim: _Simulation, round_: int, cohort: fl.Cohort, metrics: dict, wall: float, model_bytes: int) -> dict:
+def _round_row(sim: Simulation, round_: int, cohort: fl.Cohort, metrics: dict, wall: float, model_bytes: int) -> dict:
     f = sim.cfg.federated
     mask = np.asarray(cohort.mask)
     active_steps = int((np.asarray(cohort.step_mask) & mask[:, None]).sum())
@@ -108,6 +108,31 @@ def _round_row(sim: _Simulation, round_: int, cohort: fl.Cohort, metrics: dict, 
             "participants": int(metrics["participants"]), "mean_tau": float(metrics["mean_tau"])}
 
 
+def load_trained(run_dir: Path, checkpoint: Path | None = None):
+    """(config, model config, global params, tokenizer, round) of a run's latest or a given checkpoint.
+
+    ``checkpoint`` is a step directory such as ``RUN/checkpoints/10``.
+    """
+    from fedjax_code.data.prepare import prepare
+    from fedjax_code.data.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no config.json)")
+    cfg = experiment_from_dict(json.loads((run_dir / "config.json").read_text()))
+    ckpt_dir = Path(checkpoint).parent if checkpoint else run_dir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir)
+    round_ = int(Path(checkpoint).name) if checkpoint and Path(checkpoint).name.isdigit() else ckpt.latest_round()
+    if round_ is None or round_ not in ckpt.all_rounds():
+        raise UserError(f"no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in ' + str(ckpt_dir)}")
+    sim = Simulation(cfg, progress=False)
+    server, clients = sim.init_state()
+    server, _, _ = ckpt.restore(round_, server, clients)
+    ckpt.close()
+    tokenizer = load_tokenizer(prepare(cfg.data, progress=False) / "tokenizer")
+    return cfg, sim.model, server.params, tokenizer, round_
+
+
 def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the federated training that ``cfg`` describes in ``out``; returns the summary."""
     from tqdm.auto import tqdm
@@ -116,7 +141,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
     _open_run_dir(out, cfg, resume, force)
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
-    sim = _Simulation(cfg, progress)
+    sim = Simulation(cfg, progress)
     server, clients = sim.init_state()
     model_bytes = num_params(server.params) * 4
     ckpt = Checkpointer(out / "checkpoints")
@@ -158,7 +183,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
     return summary
 
 
-def _summary(cfg: ExperimentConfig, sim: _Simulation, out: Path) -> dict:
+def _summary(cfg: ExperimentConfig, sim: Simulation, out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last_eval = next(r for r in reversed(rows) if "eval_loss" in r)
     timed = [r for r in rows if not r["includes_compile"]] or rows  # compile time is not throughput
