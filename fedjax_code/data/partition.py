@@ -47,7 +47,7 @@ from fedjax_code.config import PartitionConfig
 from fedjax_code.errors import UserError
 
 
-def _flower_partitioner(cfg: PartitionConfig, groups: list[str], n: int):
+def _flower_partitioner(cfg: PartitionConfig, n: int):
     from flwr_datasets import partitioner as fp
 
     if cfg.scheme == "pathological":
@@ -107,9 +107,6 @@ def _merge_groups(groups: np.ndarray, tokens: np.ndarray, k: int) -> np.ndarray:
 
 def assign_clients(groups: list[str], n_tokens: list[int], cfg: PartitionConfig) -> np.ndarray:
     """Client id (int64 [N]) for every example, or a UserError for an impossible request."""
-    import datasets
-    from flwr_datasets.partitioner import NaturalIdPartitioner
-
     n, n_groups = len(groups), len(set(groups))
     if cfg.clients > n:
         raise UserError(f"cannot split {n} examples across {cfg.clients} clients (more clients than examples)")
@@ -122,8 +119,11 @@ def assign_clients(groups: list[str], n_tokens: list[int], cfg: PartitionConfig)
             return _merge_groups(np.asarray(groups), np.asarray(n_tokens, float), cfg.clients)
     if cfg.scheme in ("iid", "dirichlet"):
         return (_iid if cfg.scheme == "iid" else _dirichlet)(groups, cfg)
+    import datasets
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     table = datasets.Dataset.from_dict({"group": groups, "idx": list(range(n))})
-    partitioner = _flower_partitioner(cfg, groups, n)
+    partitioner = _flower_partitioner(cfg, n)
     partitioner.dataset = table if isinstance(partitioner, NaturalIdPartitioner) else table.shuffle(seed=cfg.seed)
     client = np.full(n, -1, np.int64)
     try:
