@@ -4,25 +4,28 @@ For every (scale, cohort C, per-client batch B) it builds a random-token Cohort 
 ``jit_round(fedavg(...))`` with one warm-up call, then times ``--rounds`` rounds (each fed the previous
 round's output state, since the round donates its inputs) and reports the median wall time.
 
+Each configuration runs three ways on the same data: the engine's round (``jit_round(fedavg(..., parallel=P))``
+with P = ``parallel_clients`` of the config: how many clients train at once), the same round with all C clients
+in one vmap, and a FedJAX-style loop. The three alternate, so background load hits them alike.
+
 Metrics (one JSON object per configuration on stdout, flushed as it goes; comments go to stderr):
-  round_s              median wall time of one vmapped cohort round
-  tokens_per_s         training tokens C*E*B*T / round_s
-  client_updates_per_s C / round_s
-  mfu                  model FLOP/s / peak FLOP/s. Model FLOPs = flops_per_token(cfg, T) * tokens (Kaplan
-                       6N + attention, forward+backward, lm head counted). Peak: the best float32 2048^3
-                       matmul (2 n^3 FLOPs) timed in this process before the sweep (JSON lines) and again
-                       after it; the table and --json-out use the higher of the two
+  clients_in_parallel  P (C: one vmap; fewer: a vmap over P groups, each scanning its clients)
+  engine_s, round_s    median wall time of the engine's round and of the one-vmap round
+  tokens_per_s         training tokens C*E*B*T / engine_s
+  client_updates_per_s C / engine_s
+  mfu                  model FLOP/s of the engine's round / peak FLOP/s. Model FLOPs = flops_per_token(cfg, T)
+                       * tokens (Kaplan 6N + attention, forward+backward, lm head counted). Peak: the best
+                       float32 2048^3 matmul (2 n^3 FLOPs) timed in this process before the sweep (JSON lines)
+                       and again after it; the table and --json-out use the higher of the two
   loop_s               the same round FedJAX-style: one jitted per-client ``client_update`` called C times
                        from Python on the same data, then a jitted stack + aggregate + server step
-  vmap_over_loop       loop_s / round_s (> 1: the vmapped round is faster); round and loop calls alternate,
-                       so background load hits both alike. loop_param_max_diff checks both give the same params
-  faults_per_round     minor page faults per vmapped round
+  engine_over_loop     loop_s / engine_s (> 1: the engine's round is faster)
+  vmap_over_loop       loop_s / round_s; loop_param_max_diff checks all three give the same params
+  faults_per_round     minor page faults per one-vmap round
   bg_cores             CPU cores used by other processes while timing (from /proc/stat); > ~0.2 means the
                        numbers of that row are depressed by background load
 
-glibc malloc is tuned (mallopt, before numpy/jax start threads; --no-malloc-tuning to skip) to keep freed
-memory: by default every buffer above the 32 MB mmap threshold (the vmapped [C,B,T,vocab] logits and their
-gradients) is mmap'd, page-faulted and zeroed again on every round; tuning made rounds ~10-25% faster here.
+glibc malloc is tuned as the CLI tunes it (fedjax_code/malloc.py; --no-malloc-tuning to skip).
 stdout holds one JSON object per line, then the table (lines not starting with "{").
 
     .venv/bin/python benchmarks/round_throughput.py                  # defaults, ~5 minutes on 2 cores
@@ -30,20 +33,11 @@ stdout holds one JSON object per line, then the table (lines not starting with "
     .venv/bin/python benchmarks/round_throughput.py --scales cpu-1 --cohorts 4 --batches 2 --json-out r.json
 """
 
-import ctypes
 import sys
 
+from fedjax_code.malloc import tune_malloc
 
-def tune_malloc() -> bool:
-    """One arena, no mmap'd chunks, no trimming (M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, M_TOP_PAD)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(opt, val) == 1 for opt, val in [(-8, 1), (-4, 0), (-1, -1), (-2, 1 << 28)])
-    except (OSError, AttributeError):
-        return False
-
-
-# Before numpy/jax start threads (a thread that already has its own arena would keep mmap'ing big blocks).
+# Before JAX starts its thread pool (a thread that already has its own arena would keep mmap'ing big blocks).
 MALLOC_TUNED = __name__ == "__main__" and "--no-malloc-tuning" not in sys.argv and tune_malloc()
 
 import argparse  # noqa: E402
@@ -58,6 +52,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from fedjax_code.config import FederatedConfig  # noqa: E402
+from fedjax_code.experiments.components import parallel_clients  # noqa: E402
 from fedjax_code.federated import Cohort, aggregate, client_optimizer, client_update, fedavg, jit_round  # noqa: E402
 from fedjax_code.federated.algorithms import server_step  # noqa: E402
 from fedjax_code.models import flops_per_token, get_preset, init_params, loss_fn, model_info  # noqa: E402
@@ -94,11 +90,11 @@ class Scale:
     def __init__(self, name, lr):
         self.cfg = get_preset(name)
         self.params = init_params(self.cfg, jax.random.PRNGKey(0))
-        loss = lambda p, batch: loss_fn(p, self.cfg, batch)
-        opt = client_optimizer("sgd", lr)
-        self.alg = fedavg(loss, opt)
-        self.round_fn = jit_round(self.alg)  # vmapped clients + aggregate + server step; donates states
-        self.client_fn = jax.jit(lambda p, b, m: client_update(p, b, m, opt, loss)[0])
+        self.loss = lambda p, batch: loss_fn(p, self.cfg, batch)
+        self.opt = client_optimizer("sgd", lr)
+        self.alg = fedavg(self.loss, self.opt)
+        self.round_fns = {}  # clients in parallel (None: one vmap) -> jit_round(fedavg(...))
+        self.client_fn = jax.jit(lambda p, b, m: client_update(p, b, m, self.opt, self.loss)[0])
 
         def server(state, deltas, weights, mask):  # fedavg's own aggregation and default server optimizer
             stacked = jax.tree.map(lambda *d: jnp.stack(d), *deltas)
@@ -106,42 +102,58 @@ class Scale:
 
         self.server_fn = jax.jit(server, donate_argnums=0)
 
+    def round_fn(self, parallel):
+        if parallel not in self.round_fns:
+            self.round_fns[parallel] = jit_round(fedavg(self.loss, self.opt, parallel=parallel))
+        return self.round_fns[parallel]
+
     def fresh_state(self, c):
         return self.alg.init(jax.tree.map(jnp.copy, self.params), c)  # copy: the round donates params
 
     def bench(self, c, b, args):
-        """(round_s, loop_s, faults/round, background cores, |round - loop| params) for C=c, batch b."""
+        """Median seconds of the vmapped round, the engine's round and the loop, and the checks, for C=c, batch b."""
         e, t = args.local_steps, args.seq_len
         batches = jnp.asarray(np.random.default_rng(1000 * c + b).integers(0, self.cfg.vocab_size, (c, e, b, t + 1)),
                               jnp.int32)
         cohort = Cohort(ids=jnp.arange(c, dtype=jnp.int32), mask=jnp.ones(c, bool),
                         weights=jnp.ones(c, jnp.float32), batches=batches, step_mask=jnp.ones((c, e), bool))
         per_client = [(batches[i], cohort.step_mask[i]) for i in range(c)]
-        r_state, l_state = list(self.fresh_state(c)), [self.fresh_state(c)[0]]
+        parallel = parallel_clients(FederatedConfig(batch_size=b, seq_len=t), c, 1, jax.devices()[0].platform)
+        variants = {"vmap": self.round_fn(None), "engine": self.round_fn(parallel)} if parallel else \
+            {"vmap": self.round_fn(None)}
+        states = {name: list(self.fresh_state(c)) for name in variants}
+        loop_state = [self.fresh_state(c)[0]]
 
-        def one_round():
-            r_state[0], r_state[1], metrics = self.round_fn(r_state[0], r_state[1], cohort)
-            jax.block_until_ready((r_state[0], metrics))
+        def one_round(name):
+            s = states[name]
+            s[0], s[1], metrics = variants[name](s[0], s[1], cohort)
+            jax.block_until_ready((s[0], metrics))
 
         def one_loop():
-            p = l_state[0].params
+            p = loop_state[0].params
             deltas = [self.client_fn(p, bt, m) for bt, m in per_client]
-            l_state[0] = jax.block_until_ready(self.server_fn(l_state[0], deltas, cohort.weights, cohort.mask))
+            loop_state[0] = jax.block_until_ready(self.server_fn(loop_state[0], deltas, cohort.weights, cohort.mask))
 
-        one_round(), one_loop()  # compile and warm up
-        round_ts, loop_ts, faults = [], [], 0
+        for name in variants:  # compile and warm up
+            one_round(name)
+        one_loop()
+        times, faults = {name: [] for name in [*variants, "loop"]}, 0
         (busy0, own0), t0 = cpu_seconds(), time.perf_counter()
-        for _ in range(args.rounds):
+        for _ in range(args.rounds):  # alternate, so background load hits every variant alike
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            round_ts.append(once(one_round))
+            times["vmap"].append(once(lambda: one_round("vmap")))
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            loop_ts.append(once(one_loop))
+            if "engine" in variants:
+                times["engine"].append(once(lambda: one_round("engine")))
+            times["loop"].append(once(one_loop))
         (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t0
         bg = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
-        # Both chains ran the same rounds on the same data: params agree up to float rounding (<= ~1e-7 here).
-        pairs = zip(jax.tree.leaves(r_state[0].params), jax.tree.leaves(l_state[0].params))
-        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
-        return statistics.median(round_ts), statistics.median(loop_ts), faults / args.rounds, bg, diff
+        # Every chain ran the same rounds on the same data: params agree up to float rounding (<= ~1e-7 here).
+        diff = max(float(jnp.max(jnp.abs(x - y))) for s in states.values()
+                   for x, y in zip(jax.tree.leaves(s[0].params), jax.tree.leaves(loop_state[0].params)))
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        median.setdefault("engine", median["vmap"])
+        return median, parallel or c, faults / args.rounds, bg, diff
 
 
 def main():
@@ -171,15 +183,17 @@ def main():
         fpt = flops_per_token(sc.cfg, args.seq_len)
         for b in args.batches:
             for c in args.cohorts:
-                round_s, loop_s, faults, bg, diff = sc.bench(c, b, args)
+                t, parallel, faults, bg, diff = sc.bench(c, b, args)
                 tokens = c * args.local_steps * b * args.seq_len
                 rows.append({"scale": name, "cohort": c, "batch": b, "seq_len": args.seq_len,
                              "local_steps": args.local_steps, "params": model_info(sc.cfg)["params_total"],
-                             "tokens_per_s": tokens / round_s, "client_updates_per_s": c / round_s,
-                             "model_gflops_per_s": fpt * tokens / round_s / 1e9, "mfu": fpt * tokens / round_s / peak,
-                             "vmap_over_loop": loop_s / round_s, "round_s": round_s, "loop_s": loop_s,
-                             "loop_param_max_diff": diff, "faults_per_round": faults, "bg_cores": bg,
-                             "malloc_tuned": MALLOC_TUNED, "peak_gflops_per_s": peak / 1e9})
+                             "clients_in_parallel": parallel, "tokens_per_s": tokens / t["engine"],
+                             "client_updates_per_s": c / t["engine"],
+                             "model_gflops_per_s": fpt * tokens / t["engine"] / 1e9,
+                             "mfu": fpt * tokens / t["engine"] / peak, "engine_over_loop": t["loop"] / t["engine"],
+                             "vmap_over_loop": t["loop"] / t["vmap"], "engine_s": t["engine"], "round_s": t["vmap"],
+                             "loop_s": t["loop"], "loop_param_max_diff": diff, "faults_per_round": faults,
+                             "bg_cores": bg, "malloc_tuned": MALLOC_TUNED, "peak_gflops_per_s": peak / 1e9})
                 print(json.dumps(rows[-1]), flush=True)
     peak_end = peak_flops()
     if peak_end > peak:  # MFU against the best peak seen: background load only ever lowers it
@@ -190,14 +204,14 @@ def main():
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
 
-    print(f"\n{'scale':<8} {'C':>2} {'B':>2} {'params':>9} {'tokens/s':>9} {'upd/s':>7} {'GFLOP/s':>7} {'mfu':>5} "
-          f"{'round_s':>8} {'loop_s':>8} {'vmap/loop':>9} {'faults':>7} {'bg':>4}")
+    print(f"\n{'scale':<8} {'C':>2} {'B':>2} {'par':>3} {'params':>10} {'tokens/s':>9} {'upd/s':>6} {'GFLOP/s':>7} "
+          f"{'mfu':>5} {'engine_s':>8} {'vmap_s':>8} {'loop_s':>8} {'eng/loop':>8} {'vmap/loop':>9} {'bg':>4}")
     for r in rows:
         bg = "n/a" if r["bg_cores"] is None else f"{r['bg_cores']:.1f}"
-        print(f"{r['scale']:<8} {r['cohort']:>2} {r['batch']:>2} {r['params']:>9,} {r['tokens_per_s']:>9.0f} "
-              f"{r['client_updates_per_s']:>7.2f} {r['model_gflops_per_s']:>7.1f} {r['mfu']:>5.2f} "
-              f"{r['round_s']:>8.4f} {r['loop_s']:>8.4f} {r['vmap_over_loop']:>9.2f} {r['faults_per_round']:>7.0f} "
-              f"{bg:>4}")
+        print(f"{r['scale']:<8} {r['cohort']:>2} {r['batch']:>2} {r['clients_in_parallel']:>3} {r['params']:>10,} "
+              f"{r['tokens_per_s']:>9.0f} {r['client_updates_per_s']:>6.2f} {r['model_gflops_per_s']:>7.1f} "
+              f"{r['mfu']:>5.2f} {r['engine_s']:>8.4f} {r['round_s']:>8.4f} {r['loop_s']:>8.4f} "
+              f"{r['engine_over_loop']:>8.2f} {r['vmap_over_loop']:>9.2f} {bg:>4}")
     print(f"# T={args.seq_len} E={args.local_steps}, median of {args.rounds} rounds; mfu vs fp32 matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; total {time.perf_counter() - t0:.0f} s", flush=True)
 

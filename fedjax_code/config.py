@@ -116,12 +116,14 @@ class FederatedConfig:
     seq_len: int = 128
     client_optimizer: str = "sgd"
     client_lr: float = 0.5
+    clip_norm: float = 1.0  # local gradients clipped to this global norm; 0 = off
     server_lr: float = 1.0
     server_momentum: float = 0.9
     mu: float = 0.01
     dropout: float = 0.0
     weighted_sampling: bool = False
     weighting: str = "examples"
+    clients_in_parallel: int = 0  # cohort clients trained at once; 0: automatic (components.parallel_clients)
 
     def __post_init__(self):
         _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
@@ -133,7 +135,10 @@ class FederatedConfig:
         _require(self.client_optimizer in ("sgd", "adamw"), f"client_optimizer must be sgd or adamw, not {self.client_optimizer!r}")
         _require(self.client_lr > 0 and self.server_lr > 0, "client_lr and server_lr must be positive")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), not {self.dropout}")
+        _require(self.clip_norm >= 0, f"clip_norm must be >= 0 (0: off), not {self.clip_norm}")
         _require(self.mu >= 0, f"mu must be >= 0, not {self.mu}")
+        _require(self.clients_in_parallel >= 0,
+                 f"clients_in_parallel must be >= 0 (0: automatic), not {self.clients_in_parallel}")
         _require(self.weighting in ("examples", "uniform"), f"weighting must be examples or uniform, not {self.weighting!r}")
 
 
@@ -222,17 +227,24 @@ def _parse_value(text: str):
         return text  # a bare word such as dirichlet
 
 
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` (or ``seed=value``) overrides to a TOML-shaped dict."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+def apply_overrides(d: dict, overrides: list[str], max_depth: int = 2) -> dict:
+    """Apply ``section.key=value`` (or ``key=value``) overrides to a TOML-shaped dict; returns a new dict.
+
+    ``max_depth`` is the longest dotted path accepted (2 for a train config: ``section.key``).
+    """
+    import copy
+
+    d = copy.deepcopy(d)
     for item in overrides:
-        _require("=" in item, f"override {item!r} must look like section.key=value")
-        path, text = item.split("=", 1)
-        *sections, key = path.strip().split(".")
-        _require(len(sections) <= 1, f"override {item!r} must look like section.key=value")
-        target = d.setdefault(sections[0], {}) if sections else d
-        _require(isinstance(target, dict), f"{sections[0] if sections else path} is not a section")
-        target[key] = _parse_value(text.strip())
+        path, _, text = item.partition("=")
+        keys = [k.strip() for k in path.split(".")]
+        _require("=" in item and all(keys) and len(keys) <= max_depth,
+                 f"override {item!r} must look like {'.'.join(['section'] * (max_depth - 1) + ['key'])}=value")
+        target = d
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            _require(isinstance(target, dict), f"{key} in override {item!r} is not a section")
+        target[keys[-1]] = _parse_value(text.strip())
     return d
 
 

@@ -15,5 +15,7 @@ def test_round_throughput_quick():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) >= 2
     for row in rows:
-        assert {"scale", "cohort", "tokens_per_s", "client_updates_per_s", "mfu", "vmap_over_loop"} <= set(row)
-        assert row["loop_param_max_diff"] < 1e-5  # the per-client loop computes the same round
+        assert {"scale", "cohort", "tokens_per_s", "client_updates_per_s", "mfu", "vmap_over_loop",
+                "engine_over_loop", "clients_in_parallel"} <= set(row)
+        assert 1 <= row["clients_in_parallel"] <= row["cohort"]
+        assert row["loop_param_max_diff"] < 1e-5  # the engine, the one-vmap round and the loop agree

@@ -326,11 +326,49 @@ def test_local_steps():
 # ----------------------------------------------------------------------------- sharding
 
 
+@pytest.mark.parametrize("parallel", [1, 2, 4])
+@pytest.mark.parametrize("which", ["fedprox", "scaffold"])
+def test_clients_in_groups_equal_one_vmap(which, parallel):
+    """Training 1, 2 or 4 of the 4 clients at a time gives the vmapped round's results."""
+    make = {"fedprox": lambda p: fl.fedprox(linreg_loss, fl.client_optimizer("sgd", 0.1, clip_norm=0.5), 0.1,
+                                            parallel=p),
+            "scaffold": lambda p: fl.scaffold(linreg_loss, 0.1, parallel=p, clip_norm=0.5)}[which]
+    cohort = linreg_cohort(c=4, e=3, weights=[1, 2, 3, 4], mask=[1, 1, 0, 1], step_mask=[[1, 1, 1], [1, 0, 0],
+                                                                                         [1, 1, 0], [1, 1, 1]])
+    expected = one_round(make(None), linreg_params(), cohort, num_clients=6, rounds=2)
+    close(one_round(make(parallel), linreg_params(), cohort, num_clients=6, rounds=2), expected)
+
+
+def test_clipping_bounds_the_local_step():
+    params, batches = {"x": jnp.array(0.0)}, {"a": jnp.ones(1), "b": jnp.full(1, 100.0)}  # gradient -100
+    delta, _, _ = fl.client_update(params, batches, jnp.ones(1, bool), fl.client_optimizer("sgd", 0.1, clip_norm=2.0),
+                                   quad_loss)
+    close(delta["x"], 0.2)  # lr * clipped gradient norm
+
+
+def test_automatic_clients_in_parallel():
+    from fedjax_code.config import FederatedConfig
+    from fedjax_code.experiments.components import parallel_clients
+
+    small, big = FederatedConfig(batch_size=1, seq_len=128), FederatedConfig(batch_size=8, seq_len=128)
+    assert parallel_clients(small, 8, 1, "cpu") == 4  # 512 tokens in flight: 4 clients of 128
+    assert parallel_clients(small, 4, 1, "cpu") is None  # the whole cohort fits: one vmap
+    assert parallel_clients(big, 4, 1, "cpu") == 1  # one 1,024-token client at a time
+    assert parallel_clients(big, 8, 4, "cpu") == 4  # at least one per device, a multiple of the devices
+    assert parallel_clients(small, 6, 1, "cpu") == 3  # a divisor of the cohort
+    assert parallel_clients(big, 64, 1, "gpu") is None  # accelerators vmap the whole cohort
+    assert parallel_clients(FederatedConfig(clients_in_parallel=2), 8, 1, "gpu") == 2
+
+
 @pytest.mark.parametrize("which", ["fedavg", "scaffold"])
 def test_sharded_equals_single_device_and_traces_once(which):
     assert len(jax.devices()) >= 4, "tests/conftest.py should force 4 host devices"
     k, c, e = 10, 6, 3
-    alg = fl.fedavg(linreg_loss, optax.sgd(0.1), fl.server_optimizer("fedadam", 0.05)) if which == "fedavg" else fl.scaffold(linreg_loss, 0.1)
+    if which == "fedavg":  # the sharded round also trains the clients in 4 groups (one per device)
+        alg, sharded_alg = (fl.fedavg(linreg_loss, optax.sgd(0.1), fl.server_optimizer("fedadam", 0.05), parallel=p)
+                            for p in (None, 4))
+    else:
+        alg = sharded_alg = fl.scaffold(linreg_loss, 0.1)
     cohorts = []
     for r in range(3):
         ids, mask = fl.sample_cohort(0, r, k, c / k, dropout=0.2)
@@ -341,7 +379,7 @@ def test_sharded_equals_single_device_and_traces_once(which):
 
     def counted(*args):
         traces.append(1)
-        return alg.apply(*args)
+        return sharded_alg.apply(*args)
 
     # Single device, unpadded.
     single = jax.jit(alg.apply)

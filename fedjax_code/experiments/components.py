@@ -48,22 +48,45 @@ def model_config(cfg: ExperimentConfig, vocab_size: int):
                                max_len=max(scaled.max_len, cfg.federated.seq_len))
 
 
-def algorithm(f: FederatedConfig, loss):
-    """The FederatedAlgorithm that ``federated.algorithm`` names, with its client and server optimisers."""
+# On CPU a client batch of this many tokens already keeps the cores busy; vmapping more clients than
+# that only grows the working set (measured with benchmarks/round_throughput.py, see the README).
+CPU_TOKENS_IN_FLIGHT = 512
+
+
+def parallel_clients(f: FederatedConfig, cohort: int, devices: int, platform: str) -> int | None:
+    """How many of the (padded) ``cohort`` clients train at once: ``map_clients``'s ``parallel``.
+
+    ``federated.clients_in_parallel`` when set (rounded to a divisor of the cohort that is a multiple of the
+    device count); otherwise all of them (one vmap) on accelerators, and on CPU as many per device as keep
+    about CPU_TOKENS_IN_FLIGHT tokens in flight.
+    """
+    wanted = f.clients_in_parallel
+    if not wanted:
+        if platform != "cpu":
+            return None
+        wanted = devices * max(1, CPU_TOKENS_IN_FLIGHT // (f.batch_size * f.seq_len))
+    fits = [v for v in range(devices, cohort + 1, devices) if cohort % v == 0 and v <= max(wanted, devices)]
+    return None if fits[-1] >= cohort else fits[-1]
+
+
+def algorithm(f: FederatedConfig, loss, parallel: int | None = None):
+    """The FederatedAlgorithm that ``federated.algorithm`` names, with its client and server optimisers.
+
+    ``parallel``: clients trained at once (see ``parallel_clients``)."""
     from fedjax_code import federated as fl
 
-    client_opt = fl.client_optimizer(f.client_optimizer, f.client_lr)
+    client_opt = fl.client_optimizer(f.client_optimizer, f.client_lr, clip_norm=f.clip_norm)
     server_name = f.algorithm if f.algorithm in SERVER_OPTIMIZERS else "sgd"
     server_opt = fl.server_optimizer(server_name, f.server_lr, momentum=f.server_momentum)
     if f.algorithm == "fedprox":
-        return fl.fedprox(loss, client_opt, f.mu, server_opt)
+        return fl.fedprox(loss, client_opt, f.mu, server_opt, parallel)
     if f.algorithm == "scaffold":
         if f.client_optimizer != "sgd":
             raise UserError("scaffold needs federated.client_optimizer = 'sgd' (its control variates assume plain SGD)")
-        return fl.scaffold(loss, f.client_lr, server_opt)
+        return fl.scaffold(loss, f.client_lr, server_opt, parallel, f.clip_norm)
     if f.algorithm == "fednova":
-        return fl.fednova(loss, client_opt, server_opt)
-    return fl.fedavg(loss, client_opt, server_opt)
+        return fl.fednova(loss, client_opt, server_opt, parallel)
+    return fl.fedavg(loss, client_opt, server_opt, parallel)
 
 
 def communicated_bytes(f: FederatedConfig, model_bytes: int, selected: int, participants: int) -> tuple[int, int]:

@@ -64,9 +64,12 @@ class Simulation:
         self.model = components.model_config(cfg, vocab)
         self.num_clients = self.shards.num_clients
         loss = lambda p, batch: loss_fn(p, self.model, batch)  # noqa: E731
-        self.algorithm = components.algorithm(f, loss)
-        self.round_fn = fl.jit_round(self.algorithm)
         self.mesh = fl.make_mesh()
+        cohort = fl.cohort_size(self.num_clients, f.participation)
+        padded = cohort + -cohort % self.mesh.size
+        self.parallel = components.parallel_clients(f, padded, self.mesh.size, jax.devices()[0].platform)
+        self.algorithm = components.algorithm(f, loss, self.parallel)
+        self.round_fn = fl.jit_round(self.algorithm)
         self.eval_fn = client_losses_fn(loss)
         windows = cfg.train.eval_windows
         self.heldout = np.stack([self.shards.heldout(c, f.seq_len, windows) for c in range(self.num_clients)])

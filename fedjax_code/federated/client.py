@@ -11,15 +11,21 @@ from .state import PyTree
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 
-def client_optimizer(name: str, lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """The local solver: 'sgd' (plain SGD, optional L2-style decoupled decay) or 'adamw'."""
+def client_optimizer(name: str, lr: float, weight_decay: float = 0.0, clip_norm: float = 0.0
+                     ) -> optax.GradientTransformation:
+    """The local solver: 'sgd' (plain SGD, optional L2-style decoupled decay) or 'adamw'.
+
+    ``clip_norm > 0`` first clips each step's gradient to that global norm (Pascanu et al. 2013).
+    """
     name = name.lower()
     if name == "sgd":
         sgd = optax.sgd(lr)
-        return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
-    if name == "adamw":
-        return optax.adamw(lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown client optimizer {name!r}; expected 'sgd' or 'adamw'")
+        solver = optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    elif name == "adamw":
+        solver = optax.adamw(lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown client optimizer {name!r}; expected 'sgd' or 'adamw'")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), solver) if clip_norm > 0 else solver
 
 
 def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:

@@ -34,14 +34,15 @@ def server_optimizer(
 
 
 def fedavg(
-    loss_fn: LossFn, client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None
+    loss_fn: LossFn, client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
+    parallel: int | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg: each client runs its local optimiser, the server applies `server_opt` (default
     optax.sgd(1.0), i.e. x <- x + weighted mean delta) to -mean delta. Stateless clients."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
     def apply(state, client_states, cohort):
-        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, parallel=parallel)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 

@@ -11,7 +11,8 @@ from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, s
 
 
 def fednova(
-    loss_fn: LossFn, client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None
+    loss_fn: LossFn, client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
+    parallel: int | None = None,
 ) -> FederatedAlgorithm:
     """FedNova for a vanilla-SGD local solver (a_i = ones, ||a_i||_1 = tau_i): d_i = delta_i / tau_i,
     tau_eff = sum_i p_i tau_i, update = tau_eff * sum_i p_i d_i with p the normalised cohort weights.
@@ -20,7 +21,7 @@ def fednova(
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
     def apply(state, client_states, cohort):
-        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, parallel=parallel)
         p = normalized_weights(cohort.weights, cohort.mask)
         tau = jnp.maximum(taus, 1).astype(jnp.float32)
         normalised = jax.tree.map(lambda d: d / tau.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype), deltas)

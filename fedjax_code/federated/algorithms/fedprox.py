@@ -25,6 +25,7 @@ def fedprox(
     client_opt: optax.GradientTransformation,
     mu: float,
     server_opt: optax.GradientTransformation | None = None,
+    parallel: int | None = None,
 ) -> FederatedAlgorithm:
     """FedProx with proximal strength `mu` (mu=0 is FedAvg). The reported train_loss excludes the
     proximal term. Stateless clients; server default optax.sgd(1.0)."""
@@ -32,7 +33,8 @@ def fedprox(
 
     def apply(state, client_states, cohort):
         penalty = proximal_term(state.params, mu)
-        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, penalty=penalty)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, penalty=penalty,
+                                           parallel=parallel)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 

@@ -16,7 +16,8 @@ def _per_client(v, x):
 
 
 def scaffold(
-    loss_fn: LossFn, client_lr: float, server_opt: optax.GradientTransformation | None = None
+    loss_fn: LossFn, client_lr: float, server_opt: optax.GradientTransformation | None = None,
+    parallel: int | None = None, clip_norm: float = 0.0,
 ) -> FederatedAlgorithm:
     """SCAFFOLD with control variates, option II.
 
@@ -30,6 +31,8 @@ def scaffold(
     """
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
     client_opt = optax.sgd(client_lr)
+    if clip_norm > 0:  # clips the corrected gradient; c_i^+ then averages what was actually applied
+        client_opt = optax.chain(optax.clip_by_global_norm(clip_norm), client_opt)
 
     def init(params, num_clients):
         c = jax.tree.map(jnp.zeros_like, params)
@@ -39,7 +42,8 @@ def scaffold(
         c, n = state.extras, jax.tree.leaves(client_states)[0].shape[0]
         c_i = gather(client_states, cohort.ids)
         corr = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
-        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr,
+                                           parallel=parallel)
         inv = 1.0 / (jnp.maximum(taus, 1).astype(jnp.float32) * client_lr)
         c_new = jax.tree.map(lambda ci, cg, d: ci - cg[None] - d * _per_client(inv, d), c_i, c, deltas)
         dc = jax.tree.map(jnp.subtract, c_new, c_i)
