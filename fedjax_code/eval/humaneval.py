@@ -119,6 +119,28 @@ def write_outputs(out: Path, samples: list[dict] | None, results: list[dict], su
     (out / "humaneval.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def evaluate_run(run_dir: Path, out: Path, *, n: int, ks, problems: str | None = None, temperature: float = 0.8,
+                 top_p: float = 0.95, max_new_tokens: int = 384, seed: int = 0, timeout: float = 3.0,
+                 workers: int | None = None, checkpoint: Path | None = None, progress: bool = True) -> dict:
+    """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's content."""
+    from fedjax_code.eval.metrics import canonical_nll
+    from fedjax_code.experiments.run import load_trained
+
+    chosen = select_problems(problems)
+    if n < 1 or not 0 < top_p <= 1 or temperature < 0 or max_new_tokens < 1:
+        raise UserError("n and max_new_tokens must be >= 1, top_p in (0, 1] and temperature >= 0")
+    _, model, params, tokenizer, round_ = load_trained(run_dir, checkpoint)
+    samples, decoding = sample_completions(params, model, tokenizer, chosen, n=n, temperature=temperature,
+                                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    results, summary = score(samples, {p["task_id"]: p for p in chosen}, ks, timeout, workers, progress)
+    nll = canonical_nll(params, model, tokenizer, chosen)
+    summary.update(nll=nll["nll"], **decoding, n=n, temperature=temperature, top_p=top_p,
+                   max_new_tokens=max_new_tokens, problems=len(chosen), run=str(run_dir), round=round_,
+                   nll_per_task=nll["per_task"])
+    write_outputs(out, samples, results, summary)
+    return summary
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     if (Path(out) / "humaneval.json").is_file() and not force:
         raise UserError(f"{out} already holds a HumanEval evaluation; pass --force to overwrite it or choose another --out")
