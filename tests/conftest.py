@@ -18,3 +18,67 @@ def prepared(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     return prepare(DataConfig(max_bytes=2_000_000, vocab_size=2048), out, progress=False)
+
+
+TINY_SWEEP = """
+name = "tiny"
+description = "Two scales of cpu-0.25, IID vs Dirichlet(0.5) over 8 clients, two rounds: a test fixture."
+
+[grid]
+scale = [0.5, 1.0]
+partition = ["iid", "dirichlet-0.5"]
+participation = [0.5]
+
+[budget]
+kind = "rounds"
+value = 2
+
+[eval]
+n = 10
+k = [1, 10]
+problems = "0:2"
+max_new_tokens = 8
+workers = 2
+
+[report]
+target_loss = 7.0
+bootstrap = 50
+
+[base.data]
+max_bytes = 300000
+vocab_size = 512
+clients = 8
+
+[base.model]
+base = "cpu-0.25"
+
+[base.federated]
+local_steps = 2
+batch_size = 2
+seq_len = 32
+
+[base.train]
+eval_every = 1
+eval_windows = 2
+checkpoint_every = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "tiny.toml"
+    path.write_text(TINY_SWEEP)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_sweep_spec, tmp_path_factory):
+    """A finished 4-cell sweep (trained, evaluated, reported) shared by the sweep, report and notebook tests."""
+    from fedjax_code.experiments.report import write_report
+    from fedjax_code.experiments.sweep import load_spec, run_sweep
+
+    out = tmp_path_factory.mktemp("sweeps") / "tiny"
+    outcomes = run_sweep(load_spec(str(tiny_sweep_spec)), out, progress=False, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["done"] * 4, outcomes
+    write_report(out)
+    return out

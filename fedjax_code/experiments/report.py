@@ -1,0 +1,463 @@
+"""``fedjax-code report``: a sweep directory to results.csv, report.md, plots/*.png and answer.json.
+
+The answer is, for each (partition, participation, ...), the model scaling factor that maximises HumanEval
+pass@10, with a bootstrap CI over problems and seeds (the numerics are in ``fits.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_code.errors import UserError
+from fedjax_code.experiments import fits
+
+AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
+GROUP_AXES = ("partition", "participation", "algorithm", "clients")  # the answer's groups: all axes but scale, seed
+PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png")
+MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "humaneval_nll", "pass@1", "pass@10",
+              "rounds_to_target")
+_ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+                    "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fednova": "FedNova"}
+FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
+
+
+def _json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    """Write atomically: a temporary file in the same directory, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def load_sweep(sweep_dir) -> dict:
+    """The sweep.json of ``sweep_dir``."""
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep directory (it has no sweep.json)")
+    try:
+        return _json(path)
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _round_rows(cell_dir: Path) -> list[dict]:
+    path = cell_dir / "run" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _row(cell_dir: Path, cell: dict, target) -> dict:
+    s, he = _json(cell_dir / "run" / "summary.json"), _json(cell_dir / "humaneval" / "humaneval.json")
+    m = s["model"]
+    hits = [r["round"] for r in _round_rows(cell_dir) if target is not None and r.get("eval_loss", np.inf) <= target]
+    row = {"cell": cell["id"], **{a: cell["axes"].get(a) for a in AXES}}
+    row.update({k: v for k, v in _flatten(s.get("config", {})).items() if k not in row})
+    row.update({"params": m["params_total"], "model_mb": m["size_mb"]["fp32"], "tokens_seen": s["tokens_seen"],
+                "train_flops": m["flops_per_token"] * s["tokens_seen"], "final_eval_loss": s["eval_loss"],
+                "client_eval_loss_worst10": s["client_eval_loss_worst10"], "humaneval_nll": he["nll"],
+                "pass@1": he.get("pass@1", ""), "pass@10": he.get("pass@10", ""),
+                "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.get("train_tokens_per_s", ""),
+                "decode_tokens_per_s": he.get("decode_tokens_per_s", ""), "comm_mb": s.get("comm_mb", "")})
+    return row
+
+
+def _scan(root: Path, sweep: dict) -> tuple[list[tuple[dict, Path]], list[dict]]:
+    """([(row, cell dir)] of finished cells, [{id, status, error}] of the others), in grid order."""
+    target = sweep.get("spec", {}).get("report", {}).get("target_loss")
+    done, missing = [], []
+    for cell in sweep.get("cells", []):
+        cell_dir = root / "cells" / cell["id"]
+        try:
+            info = _json(cell_dir / "cell.json") if (cell_dir / "cell.json").is_file() else {"status": "not started"}
+        except ValueError:
+            info = {"status": "unreadable", "error": "its cell.json is not valid JSON"}
+        status, error = info.get("status", "unknown"), info.get("error")
+        outputs = all((cell_dir / p).is_file() for p in ("run/summary.json", "humaneval/humaneval.json"))
+        if status == "done" and not outputs:
+            status, error = "incomplete", "cell.json says done but summary.json or humaneval.json is missing"
+        elif status == "done":
+            try:
+                done.append((_row(cell_dir, cell, target), cell_dir))
+                continue
+            except (KeyError, TypeError, ValueError) as err:
+                status, error = "unreadable", f"its summary.json or humaneval.json could not be read ({err!r})"
+        missing.append({"id": cell["id"], "status": status, "error": error})
+    return done, missing
+
+
+def results_rows(sweep_dir) -> list[dict]:
+    """One dict per finished cell: id, axes, flattened config and metrics (the columns of results.csv)."""
+    return [row for row, _ in _scan(Path(sweep_dir), load_sweep(sweep_dir))[0]]
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(dict.fromkeys(k for r in rows for k in r)), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _table(header, rows) -> str:
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]) + "\n"
+
+
+def _has(row: dict, metric: str) -> bool:
+    return row.get(metric) not in ("", None)
+
+
+def _pass_metric(rows: list[dict]) -> str:
+    """pass@10 when every cell has it (n >= 10), else pass@1."""
+    return "pass@10" if all(_has(r, "pass@10") for r in rows) else "pass@1"
+
+
+def _second_metric(rows: list[dict]) -> str:
+    """The pass metric, or HumanEval NLL when pass@k is 0 everywhere."""
+    metric = _pass_metric(rows)
+    return metric if any(_has(r, metric) and float(r[metric]) > 0 for r in rows) else "humaneval_nll"
+
+
+def _label(row: dict, varying: list[str]) -> str:
+    parts = [str(row["partition"]), f"{row['participation'] * 100:g}%"]
+    parts += [row["algorithm"]] if "algorithm" in varying else []
+    return ", ".join(parts + ([f"K={row['clients']}"] if "clients" in varying else []))
+
+
+def _groups(done, axes=GROUP_AXES) -> dict[tuple, list]:
+    groups = defaultdict(list)
+    for row, cell_dir in done:
+        groups[tuple(row[a] for a in axes)].append((row, cell_dir))
+    return groups
+
+
+def _mean_by(rows: list[dict], keys, metric: str) -> dict[tuple, float]:
+    """Mean of ``metric`` over the rows sharing ``keys`` (blanks skipped)."""
+    acc = defaultdict(list)
+    for r in filter(lambda r: _has(r, metric), rows):
+        acc[tuple(r[k] for k in keys)].append(float(r[metric]))
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def _scale_curve(rows: list[dict], metric: str):
+    """(params, mean, std over seeds) per scale, sorted by scale; blanks skipped."""
+    pts = []
+    for scale in sorted({r["scale"] for r in rows}):
+        at = [r for r in rows if r["scale"] == scale and _has(r, metric)]
+        values = [float(r[metric]) for r in at]
+        pts += [(np.mean([r["params"] for r in at]), np.mean(values), np.std(values))] if at else []
+    return [np.array(c) for c in zip(*pts)] if pts else [np.array([])] * 3
+
+
+# --- the answer -------------------------------------------------------------------------------------------------
+
+def _problem_values(cell_dir: Path, row: dict, metric: str) -> dict[str, float]:
+    """Per-problem metric of a cell: pass@k from results.jsonl, or nll_per_task."""
+    if metric == "humaneval_nll":
+        return _json(cell_dir / "humaneval" / "humaneval.json").get("nll_per_task") or {"all": row[metric]}
+    path = cell_dir / "humaneval" / "results.jsonl"
+    if not path.is_file():
+        return {"all": float(row[metric])}
+    results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return fits.per_problem_pass_at_k(results, int(metric.split("@")[1]))
+
+
+def _values(cells, metric: str) -> tuple[np.ndarray, list[float]]:
+    """(values [scale, seed, problem], scales) of one group's cells, NaN where missing."""
+    scales, seeds = sorted({r["scale"] for r, _ in cells}), sorted({r["seed"] for r, _ in cells})
+    per = {(r["scale"], r["seed"]): _problem_values(d, r, metric) for r, d in cells}
+    tasks = sorted(set().union(*per.values()))
+    values = np.full((len(scales), len(seeds), len(tasks)), np.nan)
+    for (scale, seed), v in per.items():
+        values[scales.index(scale), seeds.index(seed)] = [v.get(t, np.nan) for t in tasks]
+    return values, scales
+
+
+def _answer_group(cells, resamples: int) -> dict:
+    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere or ties at the top."""
+    rows = [r for r, _ in cells]
+    pass_metric = _pass_metric(rows)
+    result = fits.bootstrap_optimum(*_values(cells, pass_metric), True, resamples)
+    means = sorted((v for v in result["values"].values() if np.isfinite(v)), reverse=True) or [0.0]
+    reason = "zero" if means[0] == 0 else "tie" if len(means) > 1 and np.isclose(means[0], means[1]) else None
+    if reason:
+        result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
+    return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else pass_metric,
+            "pass_metric": pass_metric, "nll_because": reason, **result}
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _clause(g: dict, first: bool) -> str:
+    if len(g["values"]) == 1:
+        return f"{g['optimal']:g} on {g['partition']} data (the only scale that has finished)"
+    ci, agree = f"{g['ci'][0]:g}-{g['ci'][1]:g}", f"{g['agreement']:.0%}"
+    detail = f"95% bootstrap CI {ci}, {agree} of resamples" if first else f"CI {ci}, {agree}"
+    return f"{g['optimal']:g} on {g['partition']} data ({detail})"
+
+
+def _sentences(groups: list[dict], varying: list[str]) -> list[str]:
+    """One pasteable sentence per (participation, algorithm, clients) and ranking metric."""
+    by = defaultdict(list)
+    for g in groups:
+        by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
+    out = []
+    for (pp, alg, k, reason), gs in by.items():
+        prefix = f"With {pp * 100:g}% participation of {k} clients ({_ALGORITHM_NAMES.get(alg, alg)})"
+        clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
+        if reason is None:
+            out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")
+            continue
+        why = f"{metric} is 0 at every scale" if reason == "zero" else f"{metric} ties between the best scales"
+        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so scales are ranked by "
+                   f"HumanEval NLL instead: the best is {clauses}.")
+    return out
+
+
+# --- plots and extra analyses: each section draws its plot and returns its markdown ------------------------------
+
+def _subplots(ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, axes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _write(path, buf.getvalue())
+
+
+def _pass_section(done, varying, plots: Path) -> str:
+    metric = _pass_metric([r for r, _ in done])
+    fig, axes = _subplots(1)
+    for cells in _groups(done).values():
+        x, y, e = _scale_curve([r for r, _ in cells], metric)
+        several = len({r["seed"] for r, _ in cells}) > 1
+        axes[0].errorbar(x, y, yerr=e if several else None, marker="o", capsize=3, label=_label(cells[0][0], varying))
+    note = " (pass@10 absent: n < 10)" if metric == "pass@1" else ""
+    axes[0].set(xscale="log", xlabel="parameters", ylabel=f"HumanEval {metric}", title=f"{metric} vs model size{note}")
+    _save(fig, axes, plots / "pass_at_k.png")
+    return (f"![{metric}](plots/pass_at_k.png)\n\nHumanEval {metric} against parameters (log scale), one line per "
+            "group: the mean over seeds, with error bars of one standard deviation when there are several seeds. "
+            f"The highest point of a line is its best scale.{' pass@10 needs n >= 10 samples.' if note else ''}\n\n")
+
+
+def _fits_section(done, varying, plots: Path) -> tuple[str, str]:
+    """(plot markdown, fit table markdown) of L = E + A N^-alpha per line, for held-out loss and HumanEval NLL."""
+    fig, axes, table = *_subplots(2), []
+    for ax, metric in zip(axes, ("final_eval_loss", "humaneval_nll")):
+        for cells in _groups(done).values():
+            label = _label(cells[0][0], varying)
+            x, y, _ = _scale_curve([r for r, _ in cells], metric)
+            fit = fits.fit_power_law(x, y)
+            table.append([{"line": label, "metric": metric, **fit}.get(c, "") for c in FIT_COLUMNS])
+            if "E" in fit:
+                dense = np.geomspace(x.min(), x.max(), 100)
+                text = f"E={fit['E']:.3g}, A={fit['A']:.3g}, α={fit['alpha']:.3g}"
+                color = ax.plot(dense, fits.power_law(dense, fit), "--", label=f"{label}: {text}")[0].get_color()
+                ax.plot(x, y, "o", color=color)
+            else:
+                ax.plot(x, y, "o", label=f"{label}: {fit['note']}")
+        ax.set(xscale="log", xlabel="parameters", ylabel=metric, title=f"{metric}, fit L = E + A N^-α")
+    _save(fig, axes, plots / "loss_fits.png")
+    text = ("![loss fits](plots/loss_fits.png)\n\nHeld-out loss (left) and HumanEval canonical-solution NLL (right) "
+            "against parameters, with L = E + A N^-α fitted to each line (dashed). E is the loss an infinitely large "
+            "model would reach; a larger α means size pays off faster.\n\n")
+    return text, "## Power-law fits\n\n" + _table(FIT_COLUMNS, table) + "\n"
+
+
+def _curves_section(done, varying, plots: Path) -> str:
+    fig, axes = _subplots(2)
+    for i, cells in enumerate(_groups(done).values()):
+        for j, (row, cell_dir) in enumerate(cells):
+            rounds = _round_rows(cell_dir)
+            mb = np.cumsum([(r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6 for r in rounds])
+            evals = [(r["round"], m, r["eval_loss"]) for r, m in zip(rounds, mb) if "eval_loss" in r]
+            for ax, x in zip(axes, ([e[0] for e in evals], [e[1] for e in evals])):
+                ax.plot(x, [e[2] for e in evals], ".-", color=f"C{i % 10}", alpha=0.7,
+                        label=_label(row, varying) if j == 0 and ax is axes[0] else None)
+    axes[0].set(xlabel="round", ylabel="held-out eval_loss", title="loss vs round (one line per cell)")
+    axes[1].set(xscale="log", xlabel="communicated MB (up + down, cumulative)", ylabel="held-out eval_loss",
+                title="loss vs communication")
+    _save(fig, axes, plots / "curves.png")
+    return ("![curves](plots/curves.png)\n\nHeld-out loss at each evaluation round of every cell (coloured by group), "
+            "against rounds (left) and cumulative communicated megabytes (right). Lines falling faster on the right "
+            "learn more per byte sent.\n\n")
+
+
+def _gaps(rows: list[dict], metric: str) -> list[dict]:
+    """metric(non-iid) - metric(iid) at matched (scale, participation, algorithm, clients), seed-averaged."""
+    keys = ("scale", "participation", "algorithm", "clients")
+    means = _mean_by(rows, ("partition", *keys), metric)
+    return [{"partition": p, **dict(zip(keys, rest)), "iid": means[("iid", *rest)], "noniid": v,
+             "gap": v - means[("iid", *rest)]}
+            for (p, *rest), v in means.items() if p != "iid" and ("iid", *rest) in means]
+
+
+def _gap_section(rows: list[dict], varying, plots: Path) -> str:
+    fig, axes = _subplots(2)
+    params = _mean_by(rows, ("scale",), "params")
+    for ax, metric in zip(axes, ("final_eval_loss", _second_metric(rows))):
+        lines = defaultdict(list)
+        for g in _gaps(rows, metric):
+            lines[_label(g, varying)].append((params[(g["scale"],)], g["gap"]))
+        for label, pts in lines.items():
+            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{label} - iid")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xscale="log", xlabel="parameters", ylabel=f"{metric} gap", title=f"non-IID minus IID {metric}")
+    _save(fig, axes, plots / "noniid_gap.png")
+    return ("![non-IID gap](plots/noniid_gap.png)\n\nThe non-IID penalty: each non-IID partition's metric minus the "
+            "IID one at the same scale, participation, algorithm and clients (seed means). A loss or NLL gap above 0, "
+            "or a pass@k gap below 0, means non-IID data hurts; a gap shrinking with parameters means larger models "
+            "absorb the heterogeneity.\n\n")
+
+
+def _algorithms_section(rows: list[dict]) -> str:
+    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells."""
+    second, means = _second_metric(rows), []
+    for metric in ("final_eval_loss", second):
+        acc = defaultdict(list)
+        for g in _gaps(rows, metric):
+            acc[(g["algorithm"], g["partition"])].append((g["iid"], g["noniid"], g["gap"]))
+        means.append({k: list(np.mean(v, axis=0)) for k, v in acc.items()})
+    body = sorted(([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3)]
+                   for (alg, part), loss in means[0].items()), key=lambda r: (r[1], r[4]))
+    best = [next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body)]
+    sentences = " ".join(f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
+                         "against iid, averaged over matched cells)." for r in best)
+    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
+              *(f"{second} {s}" for s in ("iid", "non-IID", "gap"))]
+    return f"## Algorithms and the non-IID gap\n\n{sentences}\n\n" + _table(header, body) + "\n"
+
+
+def _clients_section(rows: list[dict], varying, plots: Path) -> str:
+    """N_opt(K) per line and the fitted exponent of N_opt ∝ K^-beta (arXiv 2511.12188), with a plot."""
+    from matplotlib.ticker import NullLocator
+
+    lines, shown = defaultdict(dict), [v for v in varying if v != "clients"]
+    for (part, pp, alg, k), cells in _groups([(r, None) for r in rows]).items():
+        x, y, _ = _scale_curve([r for r, _ in cells], "final_eval_loss")
+        if len(x):
+            label = _label({"partition": part, "participation": pp, "algorithm": alg}, shown)
+            lines[label][k] = fits.optimal_size(x, y)
+    fig, axes = _subplots(1)
+    sentences = []
+    for label, by_k in lines.items():
+        ks = sorted(by_k)
+        n_opt, edge = [by_k[k][0] for k in ks], [str(k) for k in ks if by_k[k][1]]
+        color = axes[0].plot(ks, n_opt, "o", label=label)[0].get_color()
+        flag = f" (N_opt is at the edge of the grid for K = {', '.join(edge)})" if edge else ""
+        if len(ks) < 2:
+            sentences.append(f"For {label}, only one client count has finished, so no exponent is fitted{flag}.")
+            continue
+        c, beta = fits.size_exponent(ks, n_opt)
+        fitted = np.exp(c) * np.asarray(ks, float) ** -beta
+        axes[0].plot(ks, fitted, "--", color=color, label=f"{label}: β={beta:.3g}")
+        verdict = (f"falls as K^-beta with beta = {beta:.3g}, as arXiv 2511.12188 predicts" if beta > 0
+                   else f"does not fall with K (beta = {beta:.3g})")
+        sentences.append(f"For {label}, the optimal model size {verdict}{flag}.")
+    axes[0].set(xscale="log", yscale="log", xlabel="clients K", ylabel="compute-optimal parameters N_opt",
+                title="N_opt vs number of clients")
+    all_k = sorted({k for by_k in lines.values() for k in by_k})
+    axes[0].set_xticks(all_k, [str(k) for k in all_k], minor=False)
+    axes[0].xaxis.set_minor_locator(NullLocator())
+    _save(fig, axes, plots / "clients_vs_size.png")
+    return ("## Clients vs model size\n\n" + " ".join(sentences) + "\n\n![N_opt vs K](plots/clients_vs_size.png)\n\n"
+            "N_opt(K) minimises held-out loss across scales (a parabola in log N through the minimum and its two "
+            "neighbours); the dashed line is the least-squares fit log N_opt = c - β log K.\n\n")
+
+
+# --- report.md and the entry point ------------------------------------------------------------------------------
+
+def _header(sweep: dict, answer: str, finished: int) -> str:
+    budget = sweep.get("spec", {}).get("budget", {})
+    value = budget.get("value", "?")
+    value = f"{value:,.0f}" if isinstance(value, (int, float)) and float(value).is_integer() else value
+    return (f"# Sweep report: {sweep.get('name', '(unnamed)')}\n\n{sweep.get('description', '')}\n\n"
+            f"Budget per cell: {value} {budget.get('kind', '')}. Finished cells: {finished} of "
+            f"{len(sweep.get('cells', []))}.\n\n## Answer\n\n{answer}\n\n")
+
+
+def _missing_section(missing: list[dict]) -> str:
+    if not missing:
+        return "## Missing and failed cells\n\nNone: every cell has finished.\n"
+    return "## Missing and failed cells\n\n" + _table(["cell", "status", "error"],
+                                                      [[m["id"], m["status"], m["error"] or ""] for m in missing])
+
+
+def write_report(sweep_dir) -> dict:
+    """Write results.csv, report.md, plots/*.png and answer.json into ``sweep_dir``; return the answer.
+
+    Returns ``{"answer": sentences, "report": path of report.md, "finished": n, "missing": [{id, status, error}]}``.
+    """
+    root = Path(sweep_dir)
+    sweep = load_sweep(root)
+    done, missing = _scan(root, sweep)
+    out = {"report": str(root / "report.md"), "finished": len(done), "missing": missing}
+    if not done:
+        answer = f"No cell of the sweep has finished yet ({len(missing)} missing), so there is no answer."
+        _write(root / "answer.json", json.dumps({"answer": answer, "groups": []}, indent=1) + "\n")
+        _write(root / "report.md", _header(sweep, answer, 0) + _missing_section(missing))
+        return {"answer": answer, **out}
+    rows = [r for r, _ in done]
+    varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
+    resamples = int(sweep.get("spec", {}).get("report", {}).get("bootstrap", 1000))
+    groups = [_answer_group(cells, resamples) for cells in _groups(done).values()]
+    answer = " ".join(_sentences(groups, varying))
+    _write(root / "results.csv", _csv(rows))
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    fits_plot, fits_table = _fits_section(done, varying, plots)
+    table = _table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
+    md = [_header(sweep, answer, len(done)), "## Results\n\n", table,
+          "\nAll columns are in results.csv.\n\n## Plots\n\n", _pass_section(done, varying, plots), fits_plot,
+          _curves_section(done, varying, plots)]
+    produced = {"pass_at_k.png", "loss_fits.png", "curves.png"}
+    partitions = {r["partition"] for r in rows}
+    if "iid" in partitions and len(partitions) > 1:
+        md.append(_gap_section(rows, varying, plots))
+        produced.add("noniid_gap.png")
+    else:
+        md.append("No non-IID gap plot: the finished cells do not include both an iid and a non-iid partition.\n\n")
+    md.append(fits_table)
+    if "algorithm" in varying and "noniid_gap.png" in produced:
+        md.append(_algorithms_section(rows))
+    if "clients" in varying:
+        md.append(_clients_section(rows, varying, plots))
+        produced.add("clients_vs_size.png")
+    for stale in set(PLOTS) - produced:
+        (plots / stale).unlink(missing_ok=True)
+    _write(root / "answer.json", json.dumps({"answer": answer, "groups": groups}, indent=1) + "\n")
+    _write(root / "report.md", "".join(md + [_missing_section(missing)]))
+    return {"answer": answer, **out}

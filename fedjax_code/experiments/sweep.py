@@ -1,0 +1,265 @@
+"""``fedjax-code sweep``: a grid of federated runs, each trained then evaluated on HumanEval.
+
+A sweep spec (a preset in ``presets/`` or a TOML file) names the grid axes, a per-cell budget
+(rounds, tokens or training FLOPs), the HumanEval settings, a base train config and optional
+``[per_algorithm.NAME]`` federated keys (say, FedAdam's server_lr). The sweep
+directory it writes::
+
+    sweep.json                 the resolved spec and the list of cells (grid order)
+    cells/<id>/cell.json       the cell's axes and status: training | evaluating | done | failed (+ error)
+    cells/<id>/run/            a `fedjax-code train` run directory (checkpoints, metrics, summary)
+    cells/<id>/humaneval/      a `fedjax-code eval humaneval` directory
+    cells/<id>/error.txt       the traceback of a failed cell
+
+A rerun skips finished cells, resumes interrupted ones from their checkpoints and (unless
+``retry_failed``) leaves failed cells as they are; a different spec is refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedjax_code.config import ExperimentConfig, apply_overrides, experiment_from_dict
+from fedjax_code.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
+BUDGETS = ("rounds", "tokens", "flops")
+EVAL_DEFAULTS = {"n": 10, "k": [1, 10], "problems": None, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128,
+                 "seed": 0, "timeout": 3.0, "workers": None}
+REPORT_DEFAULTS = {"target_loss": 5.0, "bootstrap": 1000}
+SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "base", "per_algorithm"}
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError:
+        raise UserError(f"cannot read sweep config {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"sweep config {path} is not valid TOML ({err})") from None
+
+
+def load_spec(name_or_path: str, overrides: list[str] = ()) -> dict:
+    """A preset name or TOML path, with ``section.key=value`` overrides, validated and filled with defaults."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if name_or_path not in presets():
+            raise UserError(f"{name_or_path!r} is neither a sweep config file nor a preset ({', '.join(presets())})")
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    spec = apply_overrides(_read_toml(path), list(overrides), max_depth=3)
+    spec.setdefault("name", path.stem)
+    return validate_spec(spec)
+
+
+def _section(spec: dict, name: str, defaults: dict) -> dict:
+    values = spec.get(name, {})
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise UserError(f"unknown key {name}.{unknown[0]} (known: {', '.join(sorted(defaults))})")
+    return {**defaults, **values}
+
+
+def validate_spec(spec: dict) -> dict:
+    """Check every section and every cell's train config; returns the spec with defaults filled in."""
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise UserError(f"unknown sweep key {unknown[0]!r} (known: {', '.join(sorted(SPEC_KEYS))})")
+    grid = spec.get("grid", {})
+    unknown = sorted(set(grid) - set(AXES))
+    if unknown:
+        raise UserError(f"unknown grid axis {unknown[0]!r} (axes: {', '.join(AXES)})")
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
+            raise UserError(f"grid.{axis} must be a non-empty list of distinct values, not {values!r}")
+    budget = spec.get("budget", {"kind": "rounds", "value": 20})
+    if set(budget) != {"kind", "value"} or budget["kind"] not in BUDGETS:
+        raise UserError(f"budget must have kind (one of {', '.join(BUDGETS)}) and value, not {budget!r}")
+    if not isinstance(budget["value"], (int, float)) or budget["value"] <= 0:
+        raise UserError(f"budget.value must be a positive number, not {budget['value']!r}")
+    spec = {**spec, "description": spec.get("description", ""), "grid": grid, "budget": budget,
+            "eval": _section(spec, "eval", EVAL_DEFAULTS), "report": _section(spec, "report", REPORT_DEFAULTS),
+            "base": spec.get("base", {}), "per_algorithm": spec.get("per_algorithm", {})}
+    e = spec["eval"]
+    if not (isinstance(e["n"], int) and e["n"] >= 1) or not e["k"] or min(e["k"]) < 1:
+        raise UserError(f"eval.n and every eval.k must be positive integers, not n={e['n']!r}, k={e['k']!r}")
+    for cell in cells(spec):
+        cell_config(spec, cell["axes"], vocab_size=None)  # validates every cell before anything runs
+    return spec
+
+
+def partition_keys(label: str) -> dict:
+    """``iid`` / ``dirichlet-0.5`` / ``pathological-2`` / ``size-1.0`` / ``natural`` -> the data.* keys."""
+    scheme, _, arg = str(label).partition("-")
+    keys = {"partition": scheme}
+    if arg:
+        try:
+            value = float(arg)
+        except ValueError:
+            raise UserError(f"partition {label!r} must look like scheme or scheme-number, e.g. dirichlet-0.5") from None
+        if scheme == "pathological":
+            keys["groups_per_client"] = int(value)
+        elif scheme in ("dirichlet", "size"):
+            keys["alpha"] = value
+        else:
+            raise UserError(f"partition {label!r}: only dirichlet, size and pathological take a number")
+    return keys
+
+
+def cells(spec: dict) -> list[dict]:
+    """Every grid cell in order: ``{"id", "axes"}``; an axis not in the grid takes the base config's value."""
+    base = experiment_from_dict(spec["base"])
+    defaults = {"scale": base.model.scale, "partition": base.clients.partition, "participation":
+                base.federated.participation, "algorithm": base.federated.algorithm, "clients": base.clients.clients,
+                "seed": base.seed}
+    if defaults["partition"] in ("dirichlet", "size"):
+        defaults["partition"] += f"-{base.clients.alpha:g}"
+    values = [spec["grid"].get(axis, [defaults[axis]]) for axis in AXES]
+    out = []
+    for combo in itertools.product(*values):
+        axes = dict(zip(AXES, combo))
+        cell_id = (f"{axes['partition']}_p{axes['participation']:g}_{axes['algorithm']}_k{axes['clients']}"
+                   f"_x{axes['scale']:g}_seed{axes['seed']}")
+        out.append({"id": cell_id, "axes": axes})
+    return out
+
+
+def cell_config(spec: dict, axes: dict, vocab_size: int | None) -> ExperimentConfig:
+    """The train config of one cell: the base, the cell's axes and the budget turned into rounds.
+
+    With ``vocab_size=None`` (before the data exists) the base's ``data.vocab_size`` stands in.
+    """
+    d = json.loads(json.dumps(spec["base"]))
+    d["seed"] = axes["seed"]
+    d.setdefault("data", {}).update(clients=axes["clients"], **partition_keys(axes["partition"]))
+    d.setdefault("model", {})["scale"] = axes["scale"]
+    d.setdefault("federated", {}).update(participation=axes["participation"], algorithm=axes["algorithm"])
+    d["federated"].update(spec["per_algorithm"].get(axes["algorithm"], {}))
+    cfg = experiment_from_dict(d)
+    d["federated"]["rounds"] = budget_rounds(spec["budget"], cfg, vocab_size or cfg.data.vocab_size)
+    return experiment_from_dict(d)
+
+
+def budget_rounds(budget: dict, cfg: ExperimentConfig, vocab_size: int) -> int:
+    """Rounds that spend the budget: itself, or tokens (or training FLOPs) over what one round consumes."""
+    from fedjax_code.experiments.components import model_config
+    from fedjax_code.federated.cohort import cohort_size
+    from fedjax_code.models import flops_per_token
+
+    if budget["kind"] == "rounds":
+        return max(1, int(budget["value"]))
+    f = cfg.federated
+    tokens_per_round = cohort_size(cfg.clients.clients, f.participation) * f.local_steps * f.batch_size * f.seq_len
+    tokens = budget["value"]
+    if budget["kind"] == "flops":
+        tokens /= flops_per_token(model_config(cfg, vocab_size), f.seq_len)
+    return max(1, round(tokens / tokens_per_round))
+
+
+@dataclass
+class CellOutcome:
+    id: str
+    status: str
+    error: str | None = None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _open_sweep_dir(out: Path, spec: dict, force: bool) -> None:
+    marker = out / "sweep.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text())["spec"]
+        if saved == json.loads(json.dumps(spec)) and not force:
+            return
+        if not force:
+            raise UserError(f"{out} holds a sweep with another spec; pass --force to overwrite it "
+                            "or choose another --out")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty and holds no sweep; choose another --out or pass --force")
+    elif out.exists() and force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(marker, {"name": spec["name"], "description": spec["description"], "spec": spec,
+                         "cells": cells(spec)})
+
+
+def _cell_status(cell_dir: Path) -> str | None:
+    path = cell_dir / "cell.json"
+    return json.loads(path.read_text())["status"] if path.is_file() else None
+
+
+def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: bool) -> None:
+    """Train (resuming any checkpoint) and evaluate one cell, keeping cell.json's status current."""
+    from fedjax_code.eval.humaneval import evaluate_run
+    from fedjax_code.experiments.run import train
+
+    cfg = cell_config(spec, cell["axes"], vocab_size)
+    record = {**cell, "status": "training", "error": None, "rounds": cfg.federated.rounds}
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(cell_dir / "cell.json", record)
+    began = time.perf_counter()
+    train(cfg, cell_dir / "run", resume=True, progress=progress)
+    record.update(status="evaluating", train_s=round(time.perf_counter() - began, 2))
+    _write_json(cell_dir / "cell.json", record)
+    began = time.perf_counter()
+    e = spec["eval"]
+    shutil.rmtree(cell_dir / "humaneval", ignore_errors=True)  # an interrupted evaluation starts over
+    evaluate_run(cell_dir / "run", cell_dir / "humaneval", n=e["n"], ks=e["k"], problems=e["problems"],
+                 temperature=e["temperature"], top_p=e["top_p"], max_new_tokens=e["max_new_tokens"], seed=e["seed"],
+                 timeout=e["timeout"], workers=e["workers"], progress=progress)
+    record.update(status="done", eval_s=round(time.perf_counter() - began, 2))
+    _write_json(cell_dir / "cell.json", record)
+
+
+def _record_failure(cell: dict, cell_dir: Path, err: Exception) -> str:
+    message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    (cell_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
+    record = json.loads((cell_dir / "cell.json").read_text()) if (cell_dir / "cell.json").is_file() else dict(cell)
+    record.update(status="failed", error=message)
+    _write_json(cell_dir / "cell.json", record)
+    return message
+
+
+def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = False, progress: bool = True,
+              log=print) -> list[CellOutcome]:
+    """Run every cell of ``spec`` into ``out``; returns each cell's outcome (done, skipped, failed)."""
+    from fedjax_code.data.prepare import prepare, read_stats
+
+    out = Path(out)
+    _open_sweep_dir(out, spec, force)
+    base = experiment_from_dict(spec["base"])
+    vocab_size = read_stats(prepare(base.data, progress=progress))["vocab_size"]
+    grid = cells(spec)
+    outcomes = []
+    for i, cell in enumerate(grid, 1):
+        cell_dir = out / "cells" / cell["id"]
+        status = _cell_status(cell_dir)
+        if status == "done" or (status == "failed" and not retry_failed):
+            outcomes.append(CellOutcome(cell["id"], "skipped" if status == "done" else "failed (kept)"))
+            log(f"[{i}/{len(grid)}] {cell['id']}: {status}, skipped")
+            continue
+        log(f"[{i}/{len(grid)}] {cell['id']}: {'resuming' if status else 'starting'}")
+        try:
+            run_cell(spec, cell, cell_dir, vocab_size, progress)
+            outcomes.append(CellOutcome(cell["id"], "done"))
+        except Exception as err:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
+            message = _record_failure(cell, cell_dir, err)
+            outcomes.append(CellOutcome(cell["id"], "failed", message))
+            log(f"[{i}/{len(grid)}] {cell['id']}: failed: {message}")
+    return outcomes

@@ -1,0 +1,148 @@
+"""`fedjax-code sweep`: presets, budgets, the cell lifecycle (skip, resume, failure), refusals."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_code.errors import UserError
+from fedjax_code.experiments import sweep
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "fedjax_code.cli", *map(str, args)], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("name", sweep.presets())
+def test_every_preset_loads_and_validates(name):
+    spec = sweep.load_spec(name)
+    cells = sweep.cells(spec)
+    assert len(cells) == len({c["id"] for c in cells}) > 1
+    for cell in cells:
+        cfg = sweep.cell_config(spec, cell["axes"], vocab_size=None)
+        assert cfg.model.scale == cell["axes"]["scale"] and cfg.seed == cell["axes"]["seed"]
+        assert cfg.federated.algorithm == cell["axes"]["algorithm"]
+
+
+def test_the_issue_presets_exist():
+    assert {"cpu-demo", "clients-vs-size", "algorithms"} <= set(sweep.presets())
+    assert any(name.startswith("gpu-") for name in sweep.presets())
+    demo = sweep.load_spec("cpu-demo")
+    assert len(demo["grid"]["scale"]) >= 3 and {"iid", "dirichlet-0.5"} <= set(demo["grid"]["partition"])
+    assert sweep.load_spec("clients-vs-size")["grid"]["clients"] == [4, 16, 64]
+
+
+def test_budgets():
+    flops = sweep.load_spec("clients-vs-size")
+    rounds = {(c["axes"]["clients"], c["axes"]["scale"]): sweep.cell_config(flops, c["axes"], 4096).federated.rounds
+              for c in sweep.cells(flops)}
+    assert rounds[(16, 0.25)] > rounds[(16, 1.0)] > rounds[(16, 2.0)]  # equal FLOPs: bigger models, fewer tokens
+    assert rounds[(4, 1.0)] > rounds[(16, 1.0)] > rounds[(64, 1.0)]  # and more clients per round, fewer rounds
+    tokens = sweep.load_spec("cpu-demo")
+    cfgs = [sweep.cell_config(tokens, c["axes"], 4096) for c in sweep.cells(tokens)]
+    assert len({c.federated.rounds for c in cfgs}) == 1  # equal tokens: the same rounds at every scale
+    f = cfgs[0].federated
+    assert f.rounds == round(400_000 / (4 * f.local_steps * f.batch_size * f.seq_len))
+
+
+def test_per_algorithm_keys_and_partition_labels():
+    spec = sweep.load_spec("algorithms")
+    by_alg = {c["axes"]["algorithm"]: sweep.cell_config(spec, c["axes"], None) for c in sweep.cells(spec)}
+    assert by_alg["fedadam"].federated.server_lr == 0.01 and by_alg["fedavg"].federated.server_lr == 1.0
+    assert sweep.partition_keys("dirichlet-0.1") == {"partition": "dirichlet", "alpha": 0.1}
+    assert sweep.partition_keys("pathological-3") == {"partition": "pathological", "groups_per_client": 3}
+    assert sweep.partition_keys("iid") == {"partition": "iid"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "no-such-preset"], "neither a sweep config file nor a preset"),
+    (["--config", "cpu-demo", "grid.scale=[-1.0]"], "model.scale must be positive"),
+    (["--config", "cpu-demo", "grid.colour=[1]"], "unknown grid axis 'colour'"),
+    (["--config", "cpu-demo", "grid.scale=[]"], "grid.scale must be a non-empty list"),
+    (["--config", "cpu-demo", "budget.kind=hours"], "budget must have kind"),
+    (["--config", "cpu-demo", "eval.temperatur=1"], "unknown key eval.temperatur"),
+    (["--config", "cpu-demo", "base.federated.algoritm=fedavg"], "unknown key federated.algoritm"),
+    (["--config", "cpu-demo", "grid.partition=['dirichlet-x']"], "must look like scheme or scheme-number"),
+])
+def test_bad_specs_are_one_sentence(tmp_path, args, message):
+    code, _, err = cli("sweep", *args, "--out", tmp_path / "s", "--quiet")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()  # nothing ran
+
+
+def test_a_finished_sweep(tiny_sweep):
+    meta = json.loads((tiny_sweep / "sweep.json").read_text())
+    assert len(meta["cells"]) == 4
+    for cell in meta["cells"]:
+        d = tiny_sweep / "cells" / cell["id"]
+        record = json.loads((d / "cell.json").read_text())
+        assert record["status"] == "done" and record["rounds"] == 2 and record["train_s"] > 0
+        summary = json.loads((d / "run" / "summary.json").read_text())
+        assert summary["config"]["model"]["scale"] == cell["axes"]["scale"]
+        assert summary["config"]["data"]["partition"] == cell["axes"]["partition"].split("-")[0]
+        he = json.loads((d / "humaneval" / "humaneval.json").read_text())
+        assert he["n"] == 10 and he["problems"] == 2 and "pass@10" in he
+
+
+def test_rerun_skips_finished_cells_and_refuses_another_spec(tiny_sweep, tiny_sweep_spec, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_sweep, out)
+    before = (out / "results.csv").read_text()
+    lines = []
+    outcomes = sweep.run_sweep(sweep.load_spec(str(tiny_sweep_spec)), out, progress=False, log=lines.append)
+    assert [o.status for o in outcomes] == ["skipped"] * 4 and all("skipped" in line for line in lines)
+    with pytest.raises(UserError, match="holds a sweep with another spec"):
+        sweep.run_sweep(sweep.load_spec(str(tiny_sweep_spec), ["eval.n=4"]), out, progress=False)
+    assert (out / "results.csv").read_text() == before  # nothing was overwritten
+    code, _, err = cli("sweep", "--config", tiny_sweep_spec, "--out", out, "eval.n=4", "--quiet")
+    assert code == 2 and "pass --force" in err
+
+
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(tiny_sweep_spec, tmp_path):
+    # SCAFFOLD refuses adamw at run time: that cell fails, the FedAvg cell still runs.
+    spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']",
+                                                  "grid.algorithm=['scaffold','fedavg']",
+                                                  "per_algorithm.scaffold.client_optimizer='adamw'"])
+    outcomes = sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    assert "scaffold needs federated.client_optimizer = 'sgd'" in outcomes[0].error
+    cell_dir = tmp_path / "s" / "cells" / outcomes[0].id
+    assert json.loads((cell_dir / "cell.json").read_text())["status"] == "failed"
+    assert "Traceback" in (cell_dir / "error.txt").read_text()
+    again = sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
+    assert [o.status for o in again] == ["failed (kept)", "skipped"]
+
+
+def test_interrupted_evaluation_resumes(tiny_sweep_spec, tmp_path, monkeypatch):
+    from fedjax_code.eval import humaneval
+
+    spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']"])
+    real = humaneval.evaluate_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(humaneval, "evaluate_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
+    cell_dir = tmp_path / "s" / "cells" / sweep.cells(spec)[0]["id"]
+    assert json.loads((cell_dir / "cell.json").read_text())["status"] == "evaluating"
+    trained = (cell_dir / "run" / "metrics.jsonl").read_text()
+    monkeypatch.setattr(humaneval, "evaluate_run", real)
+    lines = []
+    assert [o.status for o in sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lines.append)] == ["done"]
+    assert "resuming" in lines[0]
+    assert (cell_dir / "run" / "metrics.jsonl").read_text() == trained  # training was not redone
+
+
+def test_force_starts_over(tiny_sweep_spec, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']"])
+    with pytest.raises(UserError, match="is not empty and holds no sweep"):
+        sweep.run_sweep(spec, tmp_path / "s", progress=False)
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
