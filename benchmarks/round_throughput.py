@@ -118,7 +118,8 @@ class Scale:
         cohort = Cohort(ids=jnp.arange(c, dtype=jnp.int32), mask=jnp.ones(c, bool),
                         weights=jnp.ones(c, jnp.float32), batches=batches, step_mask=jnp.ones((c, e), bool))
         per_client = [(batches[i], cohort.step_mask[i]) for i in range(c)]
-        parallel = parallel_clients(FederatedConfig(batch_size=b, seq_len=t), c, 1, jax.devices()[0].platform)
+        f = FederatedConfig(batch_size=b, seq_len=t, clients_in_parallel=args.clients_in_parallel)
+        parallel = parallel_clients(f, c, 1, jax.devices()[0].platform)
         variants = {"vmap": self.round_fn(None), "engine": self.round_fn(parallel)} if parallel else \
             {"vmap": self.round_fn(None)}
         states = {name: list(self.fresh_state(c)) for name in variants}
@@ -166,6 +167,8 @@ def main():
     p.add_argument("--local-steps", type=int, default=2, help="local SGD steps E")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration (median reported)")
     p.add_argument("--lr", type=float, default=0.01, help="client SGD learning rate")
+    p.add_argument("--clients-in-parallel", type=int, default=0,
+                   help="clients the engine trains at once (0: automatic, as in training)")
     p.add_argument("--json-out", help="also write all results to this file as a JSON list")
     p.add_argument("--quick", action="store_true", help="smoke check: cpu-0.5, C in 2,4, B=1, 2 rounds")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")

@@ -62,6 +62,8 @@ def map_clients(fn: Callable, xs: PyTree, parallel: int | None = None) -> PyTree
         return jax.vmap(fn)(xs)
     if c % parallel:
         raise ValueError(f"clients in parallel ({parallel}) must divide the cohort size ({c})")
+    if parallel == 1:
+        return jax.lax.map(fn, xs)
     groups = jax.tree.map(lambda x: x.reshape(parallel, c // parallel, *x.shape[1:]), xs)
     ys = jax.vmap(lambda g: jax.lax.map(fn, g))(groups)
     return jax.tree.map(lambda y: y.reshape(c, *y.shape[2:]), ys)
