@@ -14,15 +14,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-DATA := runs/data/default
-
-# Until the sweep lands, the demo prepares the embedded default data (the installed
-# Python sources, no download), partitions it IID and non-IID, and prints the summaries.
+# The main job on the embedded default data (the installed Python sources, no download): the cpu-demo
+# sweep into runs/cpu-demo, then its answer and the report's path. A rerun skips finished cells.
 demo: install
-	$(VENV)/bin/fedjax-code data prepare --out $(DATA)
-	$(VENV)/bin/fedjax-code data partition --data $(DATA) --scheme iid --clients 16 --out $(DATA)/partitions/iid.json
-	$(VENV)/bin/fedjax-code data partition --data $(DATA) --scheme dirichlet --alpha 0.5 --clients 16 --out $(DATA)/partitions/dirichlet-0.5.json
-	$(VENV)/bin/fedjax-code data shards --data $(DATA) --partition $(DATA)/partitions/dirichlet-0.5.json --out $(DATA)/shards/dirichlet-0.5
+	$(VENV)/bin/fedjax-code sweep --config cpu-demo --out runs/cpu-demo
 
 test: install
 	$(VENV)/bin/python -m pytest -q

@@ -37,6 +37,7 @@ value = 2
 n = 10
 k = [1, 10]
 problems = "0:2"
+nll_problems = "0:3"
 max_new_tokens = 8
 workers = 2
 

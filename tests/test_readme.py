@@ -13,3 +13,13 @@ def test_primitives_example_runs():
     assert proc.returncode == 0, proc.stderr
     losses = [float(line.split()[1]) for line in proc.stdout.splitlines()]
     assert len(losses) == 3 and all(8 < x < 10 for x in losses)  # about log(8192) = 9.01 at init
+
+
+def test_sweep_file_example_is_valid(tmp_path):
+    from fedjax_code.experiments.sweep import cells, load_spec
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[grid]" in b)
+    (tmp_path / "my-sweep.toml").write_text(example)
+    spec = load_spec(str(tmp_path / "my-sweep.toml"))
+    assert len(cells(spec)) == 3 * 2 * 2 and spec["per_algorithm"]["fedadam"]["server_lr"] == 0.01

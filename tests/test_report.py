@@ -231,7 +231,7 @@ def test_full_grid_plots_gap_and_algorithms(tmp_path):
     assert out["answer"] in md and "![pass@10](plots/pass_at_k.png)" in md and "## Power-law fits" in md
     assert "On dirichlet-0.5 data, fedprox closes the non-IID gap most" in md
     assert "| iid, 25%, fedavg | final_eval_loss | 1.505 | 300 | 0.4 |" in md  # seed mean: 1.5 + 0.005
-    assert "With 25% participation (fedavg), the scaling factor that maximises HumanEval pass@10 is 4 on iid" \
+    assert "With 25% participation of 16 clients (FedAvg), the scaling factor that maximises HumanEval pass@10 is 4 on iid" \
            in out["answer"]
     assert out["answer"].count("dirichlet-0.5 data") == 2
     fitted = [g for g in json.loads((tmp_path / "answer.json").read_text())["groups"]]

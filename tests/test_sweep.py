@@ -86,6 +86,12 @@ def test_a_finished_sweep(tiny_sweep):
         assert summary["config"]["data"]["partition"] == cell["axes"]["partition"].split("-")[0]
         he = json.loads((d / "humaneval" / "humaneval.json").read_text())
         assert he["n"] == 10 and he["problems"] == 2 and "pass@10" in he
+        assert he["nll_problems"] == 3 and len(he["nll_per_task"]) == 3
+    rows = (tiny_sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "pass@10" in rows[0] and "rounds_to_target" in rows[0]
+    answer = json.loads((tiny_sweep / "answer.json").read_text())
+    assert {g["partition"] for g in answer["groups"]} == {"iid", "dirichlet-0.5"}
+    assert all(g["optimal"] in (0.5, 1.0) for g in answer["groups"])
 
 
 def test_rerun_skips_finished_cells_and_refuses_another_spec(tiny_sweep, tiny_sweep_spec, tmp_path):

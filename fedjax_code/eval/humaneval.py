@@ -121,8 +121,13 @@ def write_outputs(out: Path, samples: list[dict] | None, results: list[dict], su
 
 def evaluate_run(run_dir: Path, out: Path, *, n: int, ks, problems: str | None = None, temperature: float = 0.8,
                  top_p: float = 0.95, max_new_tokens: int = 384, seed: int = 0, timeout: float = 3.0,
-                 workers: int | None = None, checkpoint: Path | None = None, progress: bool = True) -> dict:
-    """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's content."""
+                 workers: int | None = None, checkpoint: Path | None = None, progress: bool = True,
+                 nll_problems: str | None = None) -> dict:
+    """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's content.
+
+    ``problems`` slices the problems sampled; ``nll_problems`` those whose canonical-solution NLL is computed
+    (default: the same). NLL needs one forward pass per problem, so ``":"`` (all 164) is cheap.
+    """
     from fedjax_code.eval.metrics import canonical_nll
     from fedjax_code.experiments.run import load_trained
 
@@ -133,10 +138,10 @@ def evaluate_run(run_dir: Path, out: Path, *, n: int, ks, problems: str | None =
     samples, decoding = sample_completions(params, model, tokenizer, chosen, n=n, temperature=temperature,
                                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     results, summary = score(samples, {p["task_id"]: p for p in chosen}, ks, timeout, workers, progress)
-    nll = canonical_nll(params, model, tokenizer, chosen)
+    nll = canonical_nll(params, model, tokenizer, chosen if nll_problems is None else select_problems(nll_problems))
     summary.update(nll=nll["nll"], **decoding, n=n, temperature=temperature, top_p=top_p,
-                   max_new_tokens=max_new_tokens, problems=len(chosen), run=str(run_dir), round=round_,
-                   nll_per_task=nll["per_task"])
+                   max_new_tokens=max_new_tokens, problems=len(chosen), nll_problems=len(nll["per_task"]),
+                   run=str(run_dir), round=round_, nll_per_task=nll["per_task"])
     write_outputs(out, samples, results, summary)
     return summary
 

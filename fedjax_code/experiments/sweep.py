@@ -32,8 +32,8 @@ from fedjax_code.errors import UserError
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 BUDGETS = ("rounds", "tokens", "flops")
-EVAL_DEFAULTS = {"n": 10, "k": [1, 10], "problems": None, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128,
-                 "seed": 0, "timeout": 3.0, "workers": None}
+EVAL_DEFAULTS = {"n": 10, "k": [1, 10], "problems": None, "nll_problems": ":", "temperature": 0.8, "top_p": 0.95,
+                 "max_new_tokens": 128, "seed": 0, "timeout": 3.0, "workers": None}
 REPORT_DEFAULTS = {"target_loss": 5.0, "bootstrap": 1000}
 SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "base", "per_algorithm"}
 
@@ -222,7 +222,7 @@ def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: 
     shutil.rmtree(cell_dir / "humaneval", ignore_errors=True)  # an interrupted evaluation starts over
     evaluate_run(cell_dir / "run", cell_dir / "humaneval", n=e["n"], ks=e["k"], problems=e["problems"],
                  temperature=e["temperature"], top_p=e["top_p"], max_new_tokens=e["max_new_tokens"], seed=e["seed"],
-                 timeout=e["timeout"], workers=e["workers"], progress=progress)
+                 timeout=e["timeout"], workers=e["workers"], progress=progress, nll_problems=e["nll_problems"])
     record.update(status="done", eval_s=round(time.perf_counter() - began, 2))
     _write_json(cell_dir / "cell.json", record)
 
