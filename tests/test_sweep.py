@@ -152,3 +152,20 @@ def test_force_starts_over(tiny_sweep_spec, tmp_path):
     with pytest.raises(UserError, match="is not empty and holds no sweep"):
         sweep.run_sweep(spec, tmp_path / "s", progress=False)
     assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+
+
+def test_report_refuses_a_directory_that_is_not_a_sweep(tmp_path):
+    code, _, err = cli("report", tmp_path)
+    assert code == 2 and "is not a sweep directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_of_a_partial_sweep_says_what_is_missing(tiny_sweep, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(tiny_sweep, out)
+    missing = sorted((out / "cells").iterdir())[0]
+    shutil.rmtree(missing)
+    code, stdout, err = cli("report", out)
+    assert code == 0, err
+    assert f"missing: {missing.name} (not started)" in err and "report:" in stdout
+    assert missing.name in (out / "report.md").read_text()
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3

@@ -28,6 +28,9 @@ def per_problem_pass_at_k(results: list[dict], k: int) -> dict[str, float]:
     return dict(zip(kept, estimate_pass_at_k(n, c, k).tolist()))
 
 
+MAX_ALPHA = 2.0  # language-model fits give 0.05-0.5 (Kaplan et al. 2020; Hoffmann et al. 2022)
+
+
 def _power_law(xc, e, log_a, alpha):
     return e + np.exp(log_a - alpha * xc)
 
@@ -37,7 +40,8 @@ def fit_power_law(n, loss) -> dict:
 
     Fitted in log N (centred) with log A as the parameter, started from the best of a grid over E where
     log(L - E) is linear in log N. Returns ``{"E", "A", "alpha", "rmse", "points", "note"}``, or ``{"points", "note"}``
-    with note "not enough points" (fewer than 3 distinct N) or "fit failed".
+    with note "not enough points" (fewer than 3 distinct N), "fit failed", or "no power law" when the best fit
+    has alpha <= 0 or > MAX_ALPHA (the loss rises with N or jumps) or E < 0 (a cross-entropy cannot be).
     """
     from scipy.optimize import curve_fit
 
@@ -66,9 +70,10 @@ def fit_power_law(n, loss) -> dict:
     a = float(np.exp(log_a + alpha * x0))
     if not all(np.isfinite([e, a, alpha])):
         return {"points": len(ns), "note": "fit failed"}
+    if not 0 < alpha <= MAX_ALPHA or e < 0:  # rising, step-like or below zero loss: a "law" would only mislead
+        return {"points": len(ns), "note": "no power law: the loss does not fall steadily with N"}
     rmse = float(np.sqrt(np.mean((_power_law(xc, e, log_a, alpha) - ys) ** 2)))
     note = "exactly determined by 3 points" if len(ns) == 3 else ""
-    note = "loss does not fall with N" if alpha <= 0 else note
     return {"E": float(e), "A": a, "alpha": float(alpha), "rmse": rmse, "points": len(ns), "note": note}
 
 
