@@ -14,7 +14,7 @@ Metrics (one JSON object per configuration on stdout, flushed as it goes; commen
   tokens_per_s         training tokens C*E*B*T / engine_s
   client_updates_per_s C / engine_s
   mfu                  model FLOP/s of the engine's round / peak FLOP/s. Model FLOPs = flops_per_token(cfg, T)
-                       * tokens (Kaplan 6N + attention, forward+backward, lm head counted). Peak: the best
+                       * tokens (PaLM's 6N + 12 L T d, forward+backward, lm head counted). Peak: the best
                        float32 2048^3 matmul (2 n^3 FLOPs) timed in this process before the sweep (JSON lines)
                        and again after it; the table and --json-out use the higher of the two
   loop_s               the same round FedJAX-style: one jitted per-client ``client_update`` called C times

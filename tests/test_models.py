@@ -13,6 +13,7 @@ from fedjax_code.models import (
     CPU_BASE, GPU_BASE, PRESETS, Decoder, ModelConfig, flops_per_token, format_ladder, get_preset,
     init_params, loss_fn, model_info, num_params, param_count, rope, scale,
 )
+from fedjax_code.models.decoder import tied_logits
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, max_len=32,
                    tie_embeddings=False)
@@ -116,6 +117,34 @@ def test_tied_embeddings_have_no_lm_head_and_fewer_params(tiny_params):
     assert num_params(tiny_params) - num_params(p) == TINY.vocab_size * TINY.d_model
     logits = apply_fn(tied)(p, tokens(tied))
     assert logits.shape == (2, T, 64)
+
+
+def test_tied_logits_gradient_equals_autodiff_of_the_plain_product():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+    emb = jax.random.normal(jax.random.PRNGKey(1), (64, 32))
+    labels = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 64)
+
+    def ce(logits_fn):
+        return lambda x, e: optax.softmax_cross_entropy_with_integer_labels(logits_fn(x, e), labels).mean()
+
+    ours = jax.grad(ce(tied_logits), argnums=(0, 1))(x, emb)
+    plain = jax.grad(ce(lambda x, e: x @ e.T), argnums=(0, 1))(x, emb)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_tied_model_gradient_equals_untied_model_with_shared_weights():
+    """The tied model's embedding gradient is the sum of the lookup's and the head's: the untied model
+    with lm_head = embedding^T gives the same loss, and its two gradients add up to the tied one."""
+    tied = tiny(tie_embeddings=True)
+    p = params_of(tied)
+    untied_p = {**p, "lm_head": {"kernel": p["embed_tokens"]["embedding"].T}}
+    batch = tokens(tied, t=T + 1)
+    loss_t, g_t = jax.value_and_grad(loss_fn)(p, tied, batch)
+    loss_u, g_u = jax.value_and_grad(loss_fn)(untied_p, TINY, batch)
+    np.testing.assert_allclose(loss_t, loss_u, rtol=1e-6)
+    np.testing.assert_allclose(g_t["embed_tokens"]["embedding"],
+                               g_u["embed_tokens"]["embedding"] + g_u["lm_head"]["kernel"].T, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("cfg", [TINY, tiny(tie_embeddings=True), tiny(n_kv_heads=2), tiny(n_kv_heads=1, n_layers=3),
@@ -242,5 +271,16 @@ def test_model_info_and_flops():
     assert info["size_mb"] == {"fp32": counts["params_total"] * 4 / 1e6, "bf16": counts["params_total"] * 2 / 1e6}
     c = TINY
     n = param_count(c)["params_non_embedding"] + c.d_model * c.vocab_size
-    assert flops_per_token(c, seq_len=8) == 6 * n + 6 * c.n_layers * 8 * c.d_model
+    assert flops_per_token(c, seq_len=8) == 6 * n + 12 * c.n_layers * 8 * c.d_model
     assert flops_per_token(c) == flops_per_token(c, seq_len=c.max_len)
+
+
+@pytest.mark.parametrize("name", ["cpu-0.5", "cpu-1"])
+def test_flops_per_token_matches_xla_cost_analysis(name):
+    """The analytic count of matmul FLOPs agrees with XLA's count for the compiled gradient, which
+    also counts the elementwise work (softmax, norms, RoPE): at most a few percent more."""
+    cfg, t = get_preset(name), 64
+    params, batch = init_params(cfg, jax.random.PRNGKey(0)), jnp.zeros((2, t + 1), jnp.int32)
+    cost = jax.jit(jax.grad(lambda p, b: loss_fn(p, cfg, b))).lower(params, batch).compile().cost_analysis()
+    xla_per_token = (cost[0] if isinstance(cost, list) else cost)["flops"] / (2 * t)
+    assert 0.97 * xla_per_token <= flops_per_token(cfg, t) <= xla_per_token

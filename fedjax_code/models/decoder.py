@@ -65,6 +65,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+@jax.custom_vjp
+def tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Logits x [..., d] @ embedding [V, d]^T of a tied LM head.
+
+    The same product as ``nn.Embed.attend``, with a backward pass that computes the embedding's
+    gradient as [d, V] and transposes it once: XLA:CPU's [N, V]^T @ [N, d] dot runs at about 40% of
+    the speed of the [N, d]^T @ [N, V] one (measured at d=128, V=8192), and left alone XLA folds the
+    transpose back into the slow dot, hence the optimization barrier.
+    """
+    return x @ embedding.T
+
+
+def _tied_logits_fwd(x, embedding):
+    return x @ embedding.T, (x, embedding)
+
+
+def _tied_logits_bwd(residuals, g):
+    x, embedding = residuals
+    d_embedding_t = jax.lax.optimization_barrier(
+        jnp.einsum("...d,...v->dv", x, g, preferred_element_type=embedding.dtype))
+    return (g @ embedding).astype(x.dtype), d_embedding_t.T
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD) -> nn.Dense:
     """A bias-free Dense with float32 params; ``name`` is left out inside ``setup`` (attribute names)."""
     kw = {} if name is None else {"name": name}
@@ -168,7 +194,10 @@ class Decoder(nn.Module):
         for i in range(c.n_layers):
             x = DecoderLayer(c, name=f"layers_{i}")(x, positions, mask)
         x = RMSNorm(c.norm_eps, dt, name="norm")(x)
-        logits = embed.attend(x) if c.tie_embeddings else _dense(c.vocab_size, dt, "lm_head")(x)
+        if c.tie_embeddings:
+            logits = tied_logits(x, embed.embedding.astype(dt))
+        else:
+            logits = _dense(c.vocab_size, dt, "lm_head")(x)
         return logits.astype(jnp.float32)
 
 

@@ -134,17 +134,19 @@ def param_count(config: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
-    """Training FLOPs per token (forward + backward), Kaplan et al. 2020 convention.
+    """Training FLOPs per token (forward + backward) of the matmuls, as MFU counts them.
 
-    C = 6 * (N_non_embedding + d_model * vocab_size) + 6 * n_layers * seq_len * d_model.
-    The lm-head (logits) matmul d_model * vocab_size is counted (as Chinchilla, Hoffmann et al. 2022, does),
-    because for small models it is a large share of compute whether or not it is tied; the embedding
-    lookup costs nothing. The attention term uses the full context (no causal halving); seq_len
-    defaults to max_len.
+    C = 6 * (N_non_embedding + d_model * vocab_size) + 12 * n_layers * seq_len * d_model
+    (Chowdhery et al. 2022, PaLM, appendix B: 6N plus 12 L H Q T). The lm-head (logits) matmul
+    d_model * vocab_size is counted (as Chinchilla, Hoffmann et al. 2022, does), because for small models
+    it is a large share of compute whether or not it is tied; the embedding lookup costs nothing. The
+    attention term counts both attention matmuls (q k^T and p v, 2 FLOPs per multiply-add, times 3 for
+    forward + backward; Kaplan et al. 2020 count only the first) over the full context (no causal
+    halving); seq_len defaults to max_len.
     """
     seq_len = config.max_len if seq_len is None else seq_len
     n = param_count(config)["params_non_embedding"] + config.d_model * config.vocab_size
-    return 6 * n + 6 * config.n_layers * seq_len * config.d_model
+    return 6 * n + 12 * config.n_layers * seq_len * config.d_model
 
 
 def model_info(config: ModelConfig) -> dict:
