@@ -1,7 +1,7 @@
 """``fedjax-code report``: a sweep directory to results.csv, report.md, plots/*.png and answer.json.
 
 The answer is, for each (partition, participation, ...), the model scaling factor that maximises HumanEval
-pass@10, with a bootstrap CI over problems and seeds (the numerics are in ``fits.py``).
+pass@10, with a bootstrap CI over problems and seeds (chosen in ``answer.py``, numerics in ``fits.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import numpy as np
 
 from fedjax_code.errors import UserError
 from fedjax_code.experiments import fits
+from fedjax_code.experiments.answer import GROUP_AXES, answer_group, has_value, pass_metric, sentences
 
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
-GROUP_AXES = ("partition", "participation", "algorithm", "clients")  # the answer's groups: all axes but scale, seed
 PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png")
 MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "humaneval_nll", "pass@1", "pass@10",
               "rounds_to_target")
-_ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
-                    "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fednova": "FedNova"}
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
 
 
@@ -120,19 +118,10 @@ def _table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]) + "\n"
 
 
-def _has(row: dict, metric: str) -> bool:
-    return row.get(metric) not in ("", None)
-
-
-def _pass_metric(rows: list[dict]) -> str:
-    """pass@10 when every cell has it (n >= 10), else pass@1."""
-    return "pass@10" if all(_has(r, "pass@10") for r in rows) else "pass@1"
-
-
 def _second_metric(rows: list[dict]) -> str:
     """The pass metric, or HumanEval NLL when pass@k is 0 everywhere."""
-    metric = _pass_metric(rows)
-    return metric if any(_has(r, metric) and float(r[metric]) > 0 for r in rows) else "humaneval_nll"
+    metric = pass_metric(rows)
+    return metric if any(has_value(r, metric) and float(r[metric]) > 0 for r in rows) else "humaneval_nll"
 
 
 def _label(row: dict, varying: list[str]) -> str:
@@ -151,7 +140,7 @@ def _groups(done, axes=GROUP_AXES) -> dict[tuple, list]:
 def _mean_by(rows: list[dict], keys, metric: str) -> dict[tuple, float]:
     """Mean of ``metric`` over the rows sharing ``keys`` (blanks skipped)."""
     acc = defaultdict(list)
-    for r in filter(lambda r: _has(r, metric), rows):
+    for r in filter(lambda r: has_value(r, metric), rows):
         acc[tuple(r[k] for k in keys)].append(float(r[metric]))
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
@@ -160,77 +149,10 @@ def _scale_curve(rows: list[dict], metric: str):
     """(params, mean, std over seeds) per scale, sorted by scale; blanks skipped."""
     pts = []
     for scale in sorted({r["scale"] for r in rows}):
-        at = [r for r in rows if r["scale"] == scale and _has(r, metric)]
+        at = [r for r in rows if r["scale"] == scale and has_value(r, metric)]
         values = [float(r[metric]) for r in at]
         pts += [(np.mean([r["params"] for r in at]), np.mean(values), np.std(values))] if at else []
     return [np.array(c) for c in zip(*pts)] if pts else [np.array([])] * 3
-
-
-# --- the answer -------------------------------------------------------------------------------------------------
-
-def _problem_values(cell_dir: Path, row: dict, metric: str) -> dict[str, float]:
-    """Per-problem metric of a cell: pass@k from results.jsonl, or nll_per_task."""
-    if metric == "humaneval_nll":
-        return _json(cell_dir / "humaneval" / "humaneval.json").get("nll_per_task") or {"all": row[metric]}
-    path = cell_dir / "humaneval" / "results.jsonl"
-    if not path.is_file():
-        return {"all": float(row[metric])}
-    results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return fits.per_problem_pass_at_k(results, int(metric.split("@")[1]))
-
-
-def _values(cells, metric: str) -> tuple[np.ndarray, list[float]]:
-    """(values [scale, seed, problem], scales) of one group's cells, NaN where missing."""
-    scales, seeds = sorted({r["scale"] for r, _ in cells}), sorted({r["seed"] for r, _ in cells})
-    per = {(r["scale"], r["seed"]): _problem_values(d, r, metric) for r, d in cells}
-    tasks = sorted(set().union(*per.values()))
-    values = np.full((len(scales), len(seeds), len(tasks)), np.nan)
-    for (scale, seed), v in per.items():
-        values[scales.index(scale), seeds.index(seed)] = [v.get(t, np.nan) for t in tasks]
-    return values, scales
-
-
-def _answer_group(cells, resamples: int) -> dict:
-    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere or ties at the top."""
-    rows = [r for r, _ in cells]
-    pass_metric = _pass_metric(rows)
-    result = fits.bootstrap_optimum(*_values(cells, pass_metric), True, resamples)
-    means = sorted((v for v in result["values"].values() if np.isfinite(v)), reverse=True) or [0.0]
-    reason = "zero" if means[0] == 0 else "tie" if len(means) > 1 and np.isclose(means[0], means[1]) else None
-    if reason:
-        result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
-    return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else pass_metric,
-            "pass_metric": pass_metric, "nll_because": reason, **result}
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _clause(g: dict, first: bool) -> str:
-    if len(g["values"]) == 1:
-        return f"{g['optimal']:g} on {g['partition']} data (the only scale that has finished)"
-    ci, agree = f"{g['ci'][0]:g}-{g['ci'][1]:g}", f"{g['agreement']:.0%}"
-    detail = f"95% bootstrap CI {ci}, {agree} of resamples" if first else f"CI {ci}, {agree}"
-    return f"{g['optimal']:g} on {g['partition']} data ({detail})"
-
-
-def _sentences(groups: list[dict], varying: list[str]) -> list[str]:
-    """One pasteable sentence per (participation, algorithm, clients) and ranking metric."""
-    by = defaultdict(list)
-    for g in groups:
-        by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
-    out = []
-    for (pp, alg, k, reason), gs in by.items():
-        prefix = f"With {pp * 100:g}% participation of {k} clients ({_ALGORITHM_NAMES.get(alg, alg)})"
-        clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
-        if reason is None:
-            out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")
-            continue
-        why = f"{metric} is 0 at every scale" if reason == "zero" else f"{metric} ties between the best scales"
-        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so scales are ranked by "
-                   f"HumanEval NLL instead: the best is {clauses}.")
-    return out
 
 
 # --- plots and extra analyses: each section draws its plot and returns its markdown ------------------------------
@@ -259,7 +181,7 @@ def _save(fig, axes, path: Path) -> None:
 
 
 def _pass_section(done, varying, plots: Path) -> str:
-    metric = _pass_metric([r for r, _ in done])
+    metric = pass_metric([r for r, _ in done])
     fig, axes = _subplots(1)
     for cells in _groups(done).values():
         x, y, e = _scale_curve([r for r, _ in cells], metric)
@@ -433,8 +355,8 @@ def write_report(sweep_dir) -> dict:
     rows = [r for r, _ in done]
     varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
     resamples = int(sweep.get("spec", {}).get("report", {}).get("bootstrap", 1000))
-    groups = [_answer_group(cells, resamples) for cells in _groups(done).values()]
-    answer = " ".join(_sentences(groups, varying))
+    groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
+    answer = " ".join(sentences(groups))
     _write(root / "results.csv", _csv(rows))
     plots = root / "plots"
     plots.mkdir(exist_ok=True)

@@ -1,0 +1,93 @@
+"""The sweep's answer: per group of cells, the scaling factor that maximises HumanEval pass@k, with a
+bootstrap CI over problems and seeds (``fits.bootstrap_optimum``), or the one that minimises the
+canonical-solution NLL when pass@k is 0 everywhere or ties at the top; and the sentence that says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_code.experiments import fits
+
+GROUP_AXES = ("partition", "participation", "algorithm", "clients")  # the answer's groups: all axes but scale, seed
+_ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
+                    "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fednova": "FedNova"}
+
+
+def has_value(row: dict, metric: str) -> bool:
+    return row.get(metric) not in ("", None)
+
+
+def pass_metric(rows: list[dict]) -> str:
+    """pass@10 when every cell has it (n >= 10), else pass@1."""
+    return "pass@10" if all(has_value(r, "pass@10") for r in rows) else "pass@1"
+
+
+def _problem_values(cell_dir: Path, row: dict, metric: str) -> dict[str, float]:
+    """Per-problem metric of a cell: pass@k from results.jsonl, or nll_per_task."""
+    if metric == "humaneval_nll":
+        summary = json.loads((cell_dir / "humaneval" / "humaneval.json").read_text())
+        return summary.get("nll_per_task") or {"all": row[metric]}
+    path = cell_dir / "humaneval" / "results.jsonl"
+    if not path.is_file():
+        return {"all": float(row[metric])}
+    results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return fits.per_problem_pass_at_k(results, int(metric.split("@")[1]))
+
+
+def _values(cells, metric: str) -> tuple[np.ndarray, list[float]]:
+    """(values [scale, seed, problem], scales) of one group's cells, NaN where missing."""
+    scales, seeds = sorted({r["scale"] for r, _ in cells}), sorted({r["seed"] for r, _ in cells})
+    per = {(r["scale"], r["seed"]): _problem_values(d, r, metric) for r, d in cells}
+    tasks = sorted(set().union(*per.values()))
+    values = np.full((len(scales), len(seeds), len(tasks)), np.nan)
+    for (scale, seed), v in per.items():
+        values[scales.index(scale), seeds.index(seed)] = [v.get(t, np.nan) for t in tasks]
+    return values, scales
+
+
+def answer_group(cells, resamples: int) -> dict:
+    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere or ties at the top."""
+    rows = [r for r, _ in cells]
+    metric = pass_metric(rows)
+    result = fits.bootstrap_optimum(*_values(cells, metric), True, resamples)
+    means = sorted((v for v in result["values"].values() if np.isfinite(v)), reverse=True) or [0.0]
+    reason = "zero" if means[0] == 0 else "tie" if len(means) > 1 and np.isclose(means[0], means[1]) else None
+    if reason:
+        result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
+    return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else metric,
+            "pass_metric": metric, "nll_because": reason, **result}
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _clause(g: dict, first: bool) -> str:
+    if len(g["values"]) == 1:
+        return f"{g['optimal']:g} on {g['partition']} data (the only scale that has finished)"
+    ci, agree = f"{g['ci'][0]:g}-{g['ci'][1]:g}", f"{g['agreement']:.0%}"
+    detail = f"95% bootstrap CI {ci}, {agree} of resamples" if first else f"CI {ci}, {agree}"
+    return f"{g['optimal']:g} on {g['partition']} data ({detail})"
+
+
+def sentences(groups: list[dict]) -> list[str]:
+    """One pasteable sentence per (participation, algorithm, clients) and ranking metric."""
+    by = defaultdict(list)
+    for g in groups:
+        by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
+    out = []
+    for (pp, alg, k, reason), gs in by.items():
+        prefix = f"With {pp * 100:g}% participation of {k} clients ({_ALGORITHM_NAMES.get(alg, alg)})"
+        clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
+        if reason is None:
+            out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")
+            continue
+        why = f"{metric} is 0 at every scale" if reason == "zero" else f"{metric} ties between the best scales"
+        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so scales are ranked by "
+                   f"HumanEval NLL instead: the best is {clauses}.")
+    return out
