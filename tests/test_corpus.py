@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -87,13 +90,33 @@ def test_empty_corpus_is_a_user_error(tmp_path):
         _build(tmp_path / "site")
 
 
-def test_default_source_is_the_installed_python():
-    roots = corpus.python_roots()
-    assert any(r.name == "site-packages" for r in roots) and len(roots) >= 2
-    counts = {}
-    cands = corpus.candidates(DataConfig(), counts, roots)
+def test_default_source_is_the_standard_library_only():
+    stdlib, = corpus.python_roots(corpus.STDLIB)
+    assert DataConfig().source == corpus.STDLIB
+    cands = corpus.candidates(DataConfig(), Counter())
     groups = {c.group for c in cands}
-    assert {"json", "os", "numpy", "jax", "transformers"} <= groups
+    assert {"json", "os", "asyncio", "email"} <= groups and not {"numpy", "jax", "transformers"} & groups
+    assert all("site-packages" not in c.path for c in cands)  # not even the base interpreter's own
+    everything = corpus.candidates(DataConfig(source=corpus.LOCAL_PYTHON), Counter())
+    assert {"json", "numpy", "jax", "transformers"} <= {c.group for c in everything}
+
+
+def test_installing_a_package_leaves_the_default_corpus_key_unchanged():
+    """A real install into this environment's site-packages changes local-python's key, never stdlib's."""
+    import sysconfig
+
+    from fedjax_code.data.prepare import data_key
+
+    package = Path(sysconfig.get_paths()["purelib"]) / f"fedjax_code_fake_install_{os.getpid()}"
+    default, everything = DataConfig(), DataConfig(source=corpus.LOCAL_PYTHON)
+    before = data_key(default), data_key(everything)
+    try:
+        package.mkdir()
+        (package / "__init__.py").write_text(_module("installed"))
+        after = data_key(default), data_key(everything)
+    finally:
+        shutil.rmtree(package, ignore_errors=True)
+    assert after[0] == before[0] and after[1] != before[1]
 
 
 ROWS = [{"content": _module(f"f{i}"), "repo": f"org{i % 3}", "path": f"r/{i}.py"} for i in range(9)]

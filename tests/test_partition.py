@@ -16,8 +16,8 @@ def corpus_columns():
     return groups, rng.integers(50, 5000, len(groups)).tolist()
 
 
-def _part(columns, scheme, **kw):
-    return partition(*columns, PartitionConfig(scheme=scheme, **kw))
+def _part(columns, scheme, seed=0, **kw):
+    return partition(*columns, PartitionConfig(scheme=scheme, **kw), seed)
 
 
 def test_heterogeneity_is_hand_checkable():
@@ -99,7 +99,7 @@ def test_infeasible_requests_are_user_errors(corpus_columns, kw, message):
 
 def test_client_left_with_no_tokens_is_refused():
     with pytest.raises(UserError, match="no tokens"):
-        partition(["a"] * 4, [0, 0, 0, 5], PartitionConfig("iid", clients=2, seed=0))
+        partition(["a"] * 4, [0, 0, 0, 5], PartitionConfig("iid", clients=2), 0)
 
 
 @pytest.mark.parametrize("kw", [dict(alpha=0), dict(alpha=-1), dict(scheme="nope"), dict(clients=0)])

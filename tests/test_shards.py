@@ -97,7 +97,7 @@ def test_ten_thousand_clients_cost_offsets_only(tmp_path):
 
 def test_shards_of_a_prepared_corpus(prepared, tmp_path):
     dataset, tokenizer, tokens, offsets = load_prepared(prepared)
-    doc = partition(dataset["group"], dataset["n_tokens"], PartitionConfig("iid", clients=4))
+    doc = partition(dataset["group"], dataset["n_tokens"], PartitionConfig("iid", clients=4), 0)
     shards = ClientShards.open(build_shards(tokens, offsets, np.array(doc["example_client"]), tmp_path))
     assert shards.tokens.dtype == np.uint16 and len(shards.tokens) == len(tokens)
     assert (shards.bounds[:, 2] - shards.bounds[:, 0]).tolist() == [c["n_tokens"] for c in doc["clients"]]

@@ -1,5 +1,7 @@
 """`fedjax-code sweep`: presets, budgets, the cell lifecycle (skip, resume, failure), refusals."""
 
+import csv
+import io
 import json
 import shutil
 import subprocess
@@ -52,9 +54,9 @@ def test_per_algorithm_keys_and_partition_labels():
     spec = sweep.load_spec("algorithms")
     by_alg = {c["axes"]["algorithm"]: sweep.cell_config(spec, c["axes"], None) for c in sweep.cells(spec)}
     assert by_alg["fedadam"].federated.server_lr == 0.01 and by_alg["fedavg"].federated.server_lr == 1.0
-    assert sweep.partition_keys("dirichlet-0.1") == {"partition": "dirichlet", "alpha": 0.1}
-    assert sweep.partition_keys("pathological-3") == {"partition": "pathological", "groups_per_client": 3}
-    assert sweep.partition_keys("iid") == {"partition": "iid"}
+    assert sweep.partition_keys("dirichlet-0.1") == {"scheme": "dirichlet", "alpha": 0.1}
+    assert sweep.partition_keys("pathological-3") == {"scheme": "pathological", "groups_per_client": 3}
+    assert sweep.partition_keys("iid") == {"scheme": "iid"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -66,6 +68,9 @@ def test_per_algorithm_keys_and_partition_labels():
     (["--config", "cpu-demo", "eval.temperatur=1"], "unknown key eval.temperatur"),
     (["--config", "cpu-demo", "base.federated.algoritm=fedavg"], "unknown key federated.algoritm"),
     (["--config", "cpu-demo", "grid.partition=['dirichlet-x']"], "must look like scheme or scheme-number"),
+    (["--config", "cpu-demo", "grid.algorithm=['scaffold']"], "scaffold needs federated.client_optimizer = 'sgd'"),
+    (["--config", "cpu-demo", "eval.k=[0]"], "every k of pass@k must be a positive integer"),
+    (["--config", "cpu-demo", "eval.problems='first'"], "eval.problems must look like START:END"),
 ])
 def test_bad_specs_are_one_sentence(tmp_path, args, message):
     code, _, err = cli("sweep", *args, "--out", tmp_path / "s", "--quiet")
@@ -83,12 +88,14 @@ def test_a_finished_sweep(tiny_sweep):
         assert record["status"] == "done" and record["rounds"] == 2 and record["train_s"] > 0
         summary = json.loads((d / "run" / "summary.json").read_text())
         assert summary["config"]["model"]["scale"] == cell["axes"]["scale"]
-        assert summary["config"]["data"]["partition"] == cell["axes"]["partition"].split("-")[0]
+        assert summary["config"]["data"]["scheme"] == cell["axes"]["partition"].split("-")[0]
         he = json.loads((d / "humaneval" / "humaneval.json").read_text())
-        assert he["n"] == 10 and he["problems"] == 2 and "pass@10" in he
+        assert he["n"] == 10 and he["problems"] == 2 and "pass@10" in he["pass_at_k"]
         assert he["nll_problems"] == 3 and len(he["nll_per_task"]) == 3
     rows = (tiny_sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and "pass@10" in rows[0] and "rounds_to_target" in rows[0]
+    hashes = {r["tokens_sha256"] for r in csv.DictReader(io.StringIO((tiny_sweep / "results.csv").read_text()))}
+    assert len(hashes) == 1 and f"token stream {hashes.pop()}" in (tiny_sweep / "report.md").read_text()
     answer = json.loads((tiny_sweep / "answer.json").read_text())
     assert {g["partition"] for g in answer["groups"]} == {"iid", "dirichlet-0.5"}
     assert all(g["optimal"] in (0.5, 1.0) for g in answer["groups"])
@@ -109,13 +116,13 @@ def test_rerun_skips_finished_cells_and_refuses_another_spec(tiny_sweep, tiny_sw
 
 
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(tiny_sweep_spec, tmp_path):
-    # SCAFFOLD refuses adamw at run time: that cell fails, the FedAvg cell still runs.
+    # FedProx at an absurd learning rate diverges at run time: that cell fails, the FedAvg cell still runs.
     spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']",
-                                                  "grid.algorithm=['scaffold','fedavg']",
-                                                  "per_algorithm.scaffold.client_optimizer='adamw'"])
+                                                  "grid.algorithm=['fedprox','fedavg']",
+                                                  "per_algorithm.fedprox.client_lr=1e30"])
     outcomes = sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
     assert [o.status for o in outcomes] == ["failed", "done"]
-    assert "scaffold needs federated.client_optimizer = 'sgd'" in outcomes[0].error
+    assert "training diverged" in outcomes[0].error
     cell_dir = tmp_path / "s" / "cells" / outcomes[0].id
     assert json.loads((cell_dir / "cell.json").read_text())["status"] == "failed"
     assert "Traceback" in (cell_dir / "error.txt").read_text()
@@ -124,21 +131,19 @@ def test_failed_cell_is_recorded_and_the_sweep_goes_on(tiny_sweep_spec, tmp_path
 
 
 def test_interrupted_evaluation_resumes(tiny_sweep_spec, tmp_path, monkeypatch):
-    from fedjax_code.eval import humaneval
-
     spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']"])
-    real = humaneval.evaluate_run
+    real = sweep.evaluate_run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(humaneval, "evaluate_run", interrupted)
+    monkeypatch.setattr(sweep, "evaluate_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
     cell_dir = tmp_path / "s" / "cells" / sweep.cells(spec)[0]["id"]
     assert json.loads((cell_dir / "cell.json").read_text())["status"] == "evaluating"
     trained = (cell_dir / "run" / "metrics.jsonl").read_text()
-    monkeypatch.setattr(humaneval, "evaluate_run", real)
+    monkeypatch.setattr(sweep, "evaluate_run", real)
     lines = []
     assert [o.status for o in sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lines.append)] == ["done"]
     assert "resuming" in lines[0]

@@ -1,10 +1,13 @@
 """`fedjax-code train`: metrics, determinism, kill-and-resume equality, run-directory safety, divergence."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,9 +17,10 @@ from fedjax_code.checkpoint import Checkpointer
 from fedjax_code.config import load_experiment
 from fedjax_code.errors import UserError
 from fedjax_code.experiments.run import train
+from fedjax_code.rundir import load_trained, read_config
 
 TINY = [
-    "data.max_bytes=300000", "data.vocab_size=512", "data.partition=dirichlet", "data.clients=8",
+    "data.max_bytes=300000", "data.max_file_bytes=8000", "data.vocab_size=512", "data.scheme=dirichlet", "data.clients=8",
     "model.base=cpu-0.25", "federated.participation=0.5", "federated.rounds=4", "federated.local_steps=2",
     "federated.batch_size=2", "federated.seq_len=32", "train.eval_every=2", "train.checkpoint_every=2",
     "train.eval_windows=2",
@@ -63,6 +67,10 @@ def test_metrics_and_summary(uninterrupted):
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["rounds"] == 4 and summary["eval_loss"] == rows[-1]["eval_loss"]
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["2", "4"]
+    cfg, data = read_config(uninterrupted)
+    assert cfg == tiny() and summary["data"] == json.loads((uninterrupted / "config.json").read_text())["data"]
+    assert len(data.tokens_sha256) == len(data.partition_sha256) == 16 and data.num_clients == 8
+    assert (uninterrupted / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_same_seed_same_metrics_other_seed_differs(uninterrupted, tmp_path):
@@ -93,9 +101,8 @@ def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
 
 
 def test_load_trained_returns_the_final_params(uninterrupted):
-    from fedjax_code.experiments.run import load_trained
-
     cfg, model, params, tokenizer, round_ = load_trained(uninterrupted)
+    assert cfg == tiny()
     assert round_ == 4 and model.vocab_size == len(tokenizer) == 512
     server, _ = final_state(uninterrupted)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(server.params)):
@@ -131,4 +138,28 @@ def test_every_algorithm_trains(tmp_path, algorithm):
     summary = train(tiny(f"federated.algorithm={algorithm}", "federated.rounds=2", "federated.server_lr=0.01"
                          if algorithm == "fedadam" else "federated.server_lr=1.0",
                          "federated.local_steps_mode=random"), tmp_path / algorithm, progress=False)
-    assert np.isfinite(summary["eval_loss"]) and summary["rounds"] == 2
+    assert np.isfinite(summary.eval_loss) and summary.rounds == 2
+
+
+def test_resume_rebuilds_a_deleted_cache_and_refuses_changed_data(tmp_path, monkeypatch):
+    """The issue's case: local-python data, then a package install changes the corpus under an unfinished run."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDJAX_CODE_CACHE", str(cache))
+    cfg, out = tiny("data.source=local-python", "federated.rounds=2"), tmp_path / "run"
+    train(cfg, out, progress=False)
+    recorded = read_config(out)[1]
+    (out / "summary.json").unlink()  # as if killed after its last checkpoint
+    shutil.rmtree(cache)
+    train(cfg, out, resume=True, progress=False)  # re-prepared from the same sources: the same bytes
+    assert (out / "summary.json").is_file() and read_config(out)[1] == recorded
+    (out / "summary.json").unlink()
+    package = Path(sysconfig.get_paths()["purelib"]) / f"fedjax_code_fake_install_{tmp_path.name}"
+    try:
+        package.mkdir()
+        (package / "__init__.py").write_text("def installed(x):\n    return x + 1\n" * 20)
+        with pytest.raises(UserError, match=f"trained on tokens {recorded.tokens_sha256} .* but the data prepared "
+                                            "now is tokens (?!" + recorded.tokens_sha256 + ")"):
+            train(cfg, out, resume=True, progress=False)
+    finally:
+        shutil.rmtree(package, ignore_errors=True)
+    assert not (out / "summary.json").exists()

@@ -1,9 +1,12 @@
 """Corpus sources and cleaning: records of ``{text, group, path}``.
 
 Sources:
-  * ``local-python`` (default, offline): every ``.py`` file of the running
-    interpreter's stdlib and site-packages; ``group`` is the top-level package
-    (``json``, ``numpy``, ``transformers``), the natural client identity.
+  * ``stdlib`` (default, offline): every ``.py`` file of the running interpreter's
+    standard library, without its site-packages, so installing or removing packages
+    never changes it: the same bytes on every machine with the same Python build;
+    ``group`` is the top-level module or package (``json``, ``email``, ``asyncio``);
+  * ``local-python``: the standard library plus site-packages (``numpy``,
+    ``transformers``, ...): more code, but it changes with every install;
   * a local ``.json``/``.jsonl``/``.parquet``/``.arrow``/``.csv`` file or a
     directory written by ``Dataset.save_to_disk``;
   * any other string is a Hugging Face hub dataset id, streamed (online only).
@@ -27,11 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import datasets
+from tqdm.auto import tqdm
+
 from fedjax_code.config import DataConfig
 from fedjax_code.data.decontam import humaneval_decontaminator
 from fedjax_code.errors import UserError
 
-LOCAL_PYTHON = "local-python"
+STDLIB, LOCAL_PYTHON = "stdlib", "local-python"
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 
@@ -46,10 +52,11 @@ class Candidate:
     read: Callable[[], str]
 
 
-def python_roots() -> list[Path]:
-    """The running interpreter's stdlib and site-packages directories."""
+def python_roots(source: str = LOCAL_PYTHON) -> list[Path]:
+    """The running interpreter's stdlib directory, and for ``local-python`` its site-packages too."""
     paths = sysconfig.get_paths()
-    roots = [Path(paths[k]) for k in ("stdlib", "purelib", "platlib")]
+    keys = ("stdlib",) if source == STDLIB else ("stdlib", "purelib", "platlib")
+    roots = [Path(paths[k]) for k in keys]
     return sorted({r.resolve() for r in roots if r.is_dir()}, key=roots.index)
 
 
@@ -60,26 +67,26 @@ def _group_of(rel: Path) -> str | None:
     return top[:-3] if len(rel.parts) == 1 else top
 
 
-def _python_candidates(roots: list[Path], counts: Counter) -> list[Candidate]:
+def python_files(root: Path, counts: Counter | None = None) -> list[Candidate]:
+    """The ``.py`` files under ``root`` in path order, skipping packaging metadata and any nested
+    site-packages (the stdlib directory holds one); files that cannot be stat'ed are counted."""
     out = []
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root)
-            group = _group_of(rel)
-            if group is None or _SKIP_DIRS.intersection(rel.parts[:-1]):
-                continue
-            try:
-                size = path.stat().st_size
-            except OSError:
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        group = _group_of(rel)
+        if group is None or _SKIP_DIRS.intersection(rel.parts[:-1]):
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:
+            if counts is not None:
                 counts["unreadable"] += 1
-                continue
-            out.append(Candidate(group, str(path), size, lambda p=path: p.read_bytes().decode("utf-8")))
+            continue
+        out.append(Candidate(group, str(path), size, lambda p=path: p.read_bytes().decode("utf-8")))
     return out
 
 
 def _load_dataset(source: str, split: str):
-    import datasets
-
     path = Path(source)
     if path.is_dir():
         return datasets.load_from_disk(str(path))
@@ -91,7 +98,7 @@ def _load_dataset(source: str, split: str):
         return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     if path.suffix or source.startswith((".", "/")) or source.count("/") > 1:
         raise UserError(
-            f"unknown source {source!r}: use {LOCAL_PYTHON!r}, a hub dataset id, or a file ending in "
+            f"unknown source {source!r}: use {STDLIB!r}, {LOCAL_PYTHON!r}, a hub dataset id, or a file ending in "
             + ", ".join(sorted(FILE_FORMATS))
         )
     try:
@@ -124,8 +131,8 @@ def _dataset_candidates(cfg: DataConfig, counts: Counter) -> list[Candidate]:
 
 def candidates(cfg: DataConfig, counts: Counter, roots: list[Path] | None = None) -> list[Candidate]:
     """All records the source offers, before selection and cleaning."""
-    if cfg.source == LOCAL_PYTHON:
-        return _python_candidates(roots or python_roots(), counts)
+    if cfg.source in (STDLIB, LOCAL_PYTHON):
+        return [c for root in roots or python_roots(cfg.source) for c in python_files(root, counts)]
     return _dataset_candidates(cfg, counts)
 
 
@@ -181,8 +188,6 @@ def _read(cand: Candidate, cfg: DataConfig, counts: Counter) -> list[dict]:
 
 def build_records(cfg: DataConfig, roots: list[Path] | None = None, progress: bool = True) -> tuple[list[dict], Counter]:
     """Select, read, deduplicate and decontaminate records up to ``cfg.max_bytes``."""
-    from tqdm.auto import tqdm
-
     counts: Counter = Counter()
     cands = candidates(cfg, counts, roots)
     decontam = humaneval_decontaminator(cfg.decontam_ngram) if cfg.decontaminate else None

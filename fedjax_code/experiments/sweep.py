@@ -17,6 +17,7 @@ A rerun skips finished cells, resumes interrupted ones from their checkpoints an
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -26,15 +27,20 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedjax_code.config import ExperimentConfig, apply_overrides, experiment_from_dict
+from fedjax_code.config import (EvalConfig, ExperimentConfig, ReportConfig, apply_overrides, build_section,
+                                experiment_from_dict)
+from fedjax_code.data.prepare import prepare, read_stats
 from fedjax_code.errors import UserError
+from fedjax_code.eval.humaneval import evaluate_run
+from fedjax_code.experiments.run import train
+from fedjax_code.federated import cohort_size
+from fedjax_code.models import flops_per_token
+from fedjax_code.records import write_json
+from fedjax_code.rundir import model_config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 BUDGETS = ("rounds", "tokens", "flops")
-EVAL_DEFAULTS = {"n": 10, "k": [1, 10], "problems": None, "nll_problems": ":", "temperature": 0.8, "top_p": 0.95,
-                 "max_new_tokens": 128, "seed": 0, "timeout": 3.0, "workers": None}
-REPORT_DEFAULTS = {"target_loss": 5.0, "bootstrap": 1000}
 SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "base", "per_algorithm"}
 
 
@@ -63,14 +69,6 @@ def load_spec(name_or_path: str, overrides: list[str] = ()) -> dict:
     return validate_spec(spec)
 
 
-def _section(spec: dict, name: str, defaults: dict) -> dict:
-    values = spec.get(name, {})
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise UserError(f"unknown key {name}.{unknown[0]} (known: {', '.join(sorted(defaults))})")
-    return {**defaults, **values}
-
-
 def validate_spec(spec: dict) -> dict:
     """Check every section and every cell's train config; returns the spec with defaults filled in."""
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -89,20 +87,23 @@ def validate_spec(spec: dict) -> dict:
     if not isinstance(budget["value"], (int, float)) or budget["value"] <= 0:
         raise UserError(f"budget.value must be a positive number, not {budget['value']!r}")
     spec = {**spec, "description": spec.get("description", ""), "grid": grid, "budget": budget,
-            "eval": _section(spec, "eval", EVAL_DEFAULTS), "report": _section(spec, "report", REPORT_DEFAULTS),
+            "eval": _as_dict(build_section(EvalConfig, "eval", spec.get("eval", {}))),
+            "report": _as_dict(build_section(ReportConfig, "report", spec.get("report", {}))),
             "base": spec.get("base", {}), "per_algorithm": spec.get("per_algorithm", {})}
-    e = spec["eval"]
-    if not (isinstance(e["n"], int) and e["n"] >= 1) or not e["k"] or min(e["k"]) < 1:
-        raise UserError(f"eval.n and every eval.k must be positive integers, not n={e['n']!r}, k={e['k']!r}")
     for cell in cells(spec):
         cell_config(spec, cell["axes"], vocab_size=None)  # validates every cell before anything runs
     return spec
 
 
+def _as_dict(section) -> dict:
+    """A validated section as the JSON-shaped dict the spec keeps (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(section)))
+
+
 def partition_keys(label: str) -> dict:
     """``iid`` / ``dirichlet-0.5`` / ``pathological-2`` / ``size-1.0`` / ``natural`` -> the data.* keys."""
     scheme, _, arg = str(label).partition("-")
-    keys = {"partition": scheme}
+    keys = {"scheme": scheme}
     if arg:
         try:
             value = float(arg)
@@ -120,11 +121,11 @@ def partition_keys(label: str) -> dict:
 def cells(spec: dict) -> list[dict]:
     """Every grid cell in order: ``{"id", "axes"}``; an axis not in the grid takes the base config's value."""
     base = experiment_from_dict(spec["base"])
-    defaults = {"scale": base.model.scale, "partition": base.clients.partition, "participation":
-                base.federated.participation, "algorithm": base.federated.algorithm, "clients": base.clients.clients,
-                "seed": base.seed}
+    defaults = {"scale": base.model.scale, "partition": base.partition.scheme, "participation":
+                base.federated.participation, "algorithm": base.federated.algorithm,
+                "clients": base.partition.clients, "seed": base.seed}
     if defaults["partition"] in ("dirichlet", "size"):
-        defaults["partition"] += f"-{base.clients.alpha:g}"
+        defaults["partition"] += f"-{base.partition.alpha:g}"
     values = [spec["grid"].get(axis, [defaults[axis]]) for axis in AXES]
     out = []
     for combo in itertools.product(*values):
@@ -153,14 +154,10 @@ def cell_config(spec: dict, axes: dict, vocab_size: int | None) -> ExperimentCon
 
 def budget_rounds(budget: dict, cfg: ExperimentConfig, vocab_size: int) -> int:
     """Rounds that spend the budget: itself, or tokens (or training FLOPs) over what one round consumes."""
-    from fedjax_code.experiments.components import model_config
-    from fedjax_code.federated.cohort import cohort_size
-    from fedjax_code.models import flops_per_token
-
     if budget["kind"] == "rounds":
         return max(1, int(budget["value"]))
     f = cfg.federated
-    tokens_per_round = cohort_size(cfg.clients.clients, f.participation) * f.local_steps * f.batch_size * f.seq_len
+    tokens_per_round = cohort_size(cfg.partition.clients, f.participation) * f.local_steps * f.batch_size * f.seq_len
     tokens = budget["value"]
     if budget["kind"] == "flops":
         tokens /= flops_per_token(model_config(cfg, vocab_size), f.seq_len)
@@ -172,12 +169,6 @@ class CellOutcome:
     id: str
     status: str
     error: str | None = None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _open_sweep_dir(out: Path, spec: dict, force: bool) -> None:
@@ -195,7 +186,7 @@ def _open_sweep_dir(out: Path, spec: dict, force: bool) -> None:
     elif out.exists() and force:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"name": spec["name"], "description": spec["description"], "spec": spec,
+    write_json(marker, {"name": spec["name"], "description": spec["description"], "spec": spec,
                          "cells": cells(spec)})
 
 
@@ -206,25 +197,20 @@ def _cell_status(cell_dir: Path) -> str | None:
 
 def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: bool) -> None:
     """Train (resuming any checkpoint) and evaluate one cell, keeping cell.json's status current."""
-    from fedjax_code.eval.humaneval import evaluate_run
-    from fedjax_code.experiments.run import train
-
     cfg = cell_config(spec, cell["axes"], vocab_size)
     record = {**cell, "status": "training", "error": None, "rounds": cfg.federated.rounds}
     cell_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(cell_dir / "cell.json", record)
+    write_json(cell_dir / "cell.json", record)
     began = time.perf_counter()
     train(cfg, cell_dir / "run", resume=True, progress=progress)
     record.update(status="evaluating", train_s=round(time.perf_counter() - began, 2))
-    _write_json(cell_dir / "cell.json", record)
+    write_json(cell_dir / "cell.json", record)
     began = time.perf_counter()
-    e = spec["eval"]
     shutil.rmtree(cell_dir / "humaneval", ignore_errors=True)  # an interrupted evaluation starts over
-    evaluate_run(cell_dir / "run", cell_dir / "humaneval", n=e["n"], ks=e["k"], problems=e["problems"],
-                 temperature=e["temperature"], top_p=e["top_p"], max_new_tokens=e["max_new_tokens"], seed=e["seed"],
-                 timeout=e["timeout"], workers=e["workers"], progress=progress, nll_problems=e["nll_problems"])
+    evaluate_run(cell_dir / "run", cell_dir / "humaneval", build_section(EvalConfig, "eval", spec["eval"]),
+                 progress=progress)
     record.update(status="done", eval_s=round(time.perf_counter() - began, 2))
-    _write_json(cell_dir / "cell.json", record)
+    write_json(cell_dir / "cell.json", record)
 
 
 def _record_failure(cell: dict, cell_dir: Path, err: Exception) -> str:
@@ -232,15 +218,13 @@ def _record_failure(cell: dict, cell_dir: Path, err: Exception) -> str:
     (cell_dir / "error.txt").write_text("".join(traceback.format_exception(err)))
     record = json.loads((cell_dir / "cell.json").read_text()) if (cell_dir / "cell.json").is_file() else dict(cell)
     record.update(status="failed", error=message)
-    _write_json(cell_dir / "cell.json", record)
+    write_json(cell_dir / "cell.json", record)
     return message
 
 
 def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = False, progress: bool = True,
               log=print) -> list[CellOutcome]:
     """Run every cell of ``spec`` into ``out``; returns each cell's outcome (done, skipped, failed)."""
-    from fedjax_code.data.prepare import prepare, read_stats
-
     out = Path(out)
     _open_sweep_dir(out, spec, force)
     base = experiment_from_dict(spec["base"])

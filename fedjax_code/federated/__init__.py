@@ -3,12 +3,18 @@
 
 A round: sample a cohort (`sample_cohort`, `local_steps`), gather its batches [C, E, ...] into a
 `Cohort`, then `apply(server_state, client_states, cohort)` of a `FederatedAlgorithm`
-(fedavg / fedprox / scaffold / fednova), jitted once with `jit_round`.
+(fedavg / fedprox / scaffold / fednova, all in `REGISTRY`), jitted once with `jit_round`.
 """
 
 from .aggregate import aggregate, client_weights, normalized_weights, weighted_sum
 from .algorithms import (
+    REGISTRY,
+    AlgorithmSpec,
     FederatedAlgorithm,
+    algorithm_spec,
+    build_algorithm,
+    communicated_bytes,
+    register,
     fedavg,
     fednova,
     fedprox,
@@ -22,6 +28,12 @@ from .sharding import make_mesh, pad_cohort, replicate, shard_cohort
 from .state import ClientStates, Cohort, ServerState, gather, init_client_states, scatter
 
 __all__ = [
+    "REGISTRY",
+    "AlgorithmSpec",
+    "algorithm_spec",
+    "build_algorithm",
+    "communicated_bytes",
+    "register",
     "ClientStates",
     "Cohort",
     "FederatedAlgorithm",

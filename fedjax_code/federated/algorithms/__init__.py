@@ -1,18 +1,35 @@
-"""Federated algorithms as `FederatedAlgorithm(init, apply)` factories over a generic loss_fn."""
+"""Federated algorithms as `FederatedAlgorithm(init, apply)` factories over a generic loss_fn.
 
-from .base import FederatedAlgorithm, jit_round, round_metrics, run_clients, server_init, server_step
-from .fedavg import fedavg, server_optimizer
+Every module of this package is imported here, so the entries it registers (see ``registry``) exist
+as soon as the package does.
+"""
+
+import importlib
+import pkgutil
+
+from .base import FederatedAlgorithm, jit_round, round_metrics, run_clients, server_init, server_optimizer, server_step
+from .fedavg import fedavg
 from .fednova import fednova
 from .fedprox import fedprox, proximal_term
+from .registry import REGISTRY, AlgorithmSpec, algorithm_spec, build_algorithm, communicated_bytes, register
 from .scaffold import scaffold
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
+    "REGISTRY",
+    "AlgorithmSpec",
     "FederatedAlgorithm",
+    "algorithm_spec",
+    "build_algorithm",
+    "communicated_bytes",
     "fedavg",
     "fednova",
     "fedprox",
     "jit_round",
     "proximal_term",
+    "register",
     "round_metrics",
     "run_clients",
     "scaffold",

@@ -88,6 +88,30 @@ def run_clients(
     return map_clients(one, (cohort.batches, cohort.step_mask, corrections), parallel)
 
 
+def server_optimizer(
+    name: str = "sgd", lr: float = 1.0, momentum: float = 0.0, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
+) -> optax.GradientTransformation:
+    """Server optimiser applied to the pseudo-gradient -mean_delta.
+
+    'sgd'/'fedavg': optax.sgd(lr) (lr=1 is plain FedAvg); 'fedavgm': optax.sgd(lr, momentum);
+    'fedadam': optax.adam; 'fedyogi': optax.yogi; 'fedadagrad': optax.adagrad with accumulator
+    started at eps**2 (the paper's v_{-1} = tau^2; optax puts its own eps inside the sqrt, set to 0
+    here, and has no first-moment term). eps defaults to the paper's tau = 1e-3, b2 to 0.99.
+    """
+    name = name.lower()
+    if name in ("sgd", "fedavg"):
+        return optax.sgd(lr)
+    if name in ("fedavgm", "momentum"):
+        return optax.sgd(lr, momentum=momentum)
+    if name in ("fedadam", "adam"):
+        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    if name in ("fedyogi", "yogi"):
+        return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+    if name in ("fedadagrad", "adagrad"):
+        return optax.adagrad(lr, initial_accumulator_value=eps**2, eps=0.0)
+    raise ValueError(f"unknown server optimizer {name!r}")
+
+
 def server_step(state: ServerState, mean_delta: PyTree, server_opt: optax.GradientTransformation) -> ServerState:
     """Apply the server optimizer to the pseudo-gradient -mean_delta and advance the round counter."""
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)

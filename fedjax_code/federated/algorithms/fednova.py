@@ -8,6 +8,7 @@ import optax
 from ..aggregate import normalized_weights, weighted_sum
 from ..client import LossFn
 from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
+from .registry import AlgorithmSpec, register
 
 
 def fednova(
@@ -31,3 +32,6 @@ def fednova(
         return state, client_states, round_metrics(losses, taus, cohort)
 
     return FederatedAlgorithm(stateless_init(server_opt), apply)
+
+
+register(AlgorithmSpec("fednova", "FedNova", lambda f, loss, c_opt, s_opt, par: fednova(loss, c_opt, s_opt, par)))

@@ -8,6 +8,7 @@ import optax
 from ..aggregate import aggregate
 from ..client import LossFn
 from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
+from .registry import AlgorithmSpec, register
 
 
 def proximal_term(anchor, mu: float):
@@ -39,3 +40,6 @@ def fedprox(
         return state, client_states, round_metrics(losses, taus, cohort)
 
     return FederatedAlgorithm(stateless_init(server_opt), apply)
+
+
+register(AlgorithmSpec("fedprox", "FedProx", lambda f, loss, c_opt, s_opt, par: fedprox(loss, c_opt, f.mu, s_opt, par)))

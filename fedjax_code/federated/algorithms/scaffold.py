@@ -9,6 +9,7 @@ from ..aggregate import aggregate, weighted_sum
 from ..client import LossFn
 from ..state import gather, init_client_states, scatter
 from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+from .registry import AlgorithmSpec, register
 
 
 def _per_client(v, x):
@@ -54,3 +55,8 @@ def scaffold(
         return state, client_states, round_metrics(losses, taus, cohort)
 
     return FederatedAlgorithm(init, apply)
+
+
+register(AlgorithmSpec(
+    "scaffold", "SCAFFOLD", lambda f, loss, c_opt, s_opt, par: scaffold(loss, f.client_lr, s_opt, par, f.clip_norm),
+    messages=2, sgd_client_only=True))

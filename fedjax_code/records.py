@@ -1,0 +1,124 @@
+"""The records fedjax-code writes and reads back, one dataclass each, shared by every writer and reader.
+
+``RoundRecord`` is a line of ``metrics.jsonl``, ``RunSummary`` a run's ``summary.json`` and
+``HumanEvalRecord`` an evaluation's ``humaneval.json``. Reading checks the fields against the dataclass,
+so a renamed or missing field fails loudly instead of going missing from a plot. ``write_atomic`` is the
+one way a file is replaced: a temporary file in the same directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+R = TypeVar("R")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` (a dict or a record) as indented JSON, atomically."""
+    write_atomic(path, json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, indent=1) + "\n")
+
+
+def to_dict(record) -> dict:
+    """The record's fields, leaving out optional fields that are None."""
+    return {k: v for k, v in dataclasses.asdict(record).items() if v is not None}
+
+
+def from_dict(cls: type[R], data: dict, source: str = "a record") -> R:
+    """``cls(**data)``, or a ValueError naming the unknown or missing fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+    unknown, missing = sorted(set(data) - set(fields)), sorted(required - set(data))
+    if unknown or missing:
+        raise ValueError(f"{source} does not match {cls.__name__}: unknown fields {unknown}, missing fields {missing}")
+    return cls(**data)
+
+
+def read_json(cls: type[R], path: Path) -> R:
+    return from_dict(cls, json.loads(Path(path).read_text()), str(path))
+
+
+def read_jsonl(cls: type[R], path: Path) -> list[R]:
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    return [from_dict(cls, json.loads(line), f"{path} line {i}") for i, line in enumerate(lines, 1) if line.strip()]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of ``fedjax-code train`` (a line of metrics.jsonl); the eval fields only at eval rounds."""
+
+    round: int
+    train_loss: float
+    tokens: int              # training tokens of this round (participants' active steps x B x T)
+    tokens_seen: int         # cumulative
+    wall_s: float
+    tokens_per_s: float
+    includes_compile: bool   # the first round of a process
+    bytes_up: int            # what a deployment would send (see federated.algorithms.registry)
+    bytes_down: int
+    participants: int
+    mean_tau: float          # local steps, averaged over participants
+    eval_loss: float | None = None                 # all clients' held-out splits, weighted by held-out tokens
+    client_eval_loss_mean: float | None = None
+    client_eval_loss_worst10: float | None = None  # mean of the worst 10% of clients: the fairness view
+    client_eval_loss_std: float | None = None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished run (summary.json); its presence marks the run as finished."""
+
+    rounds: int
+    final_train_loss: float
+    eval_loss: float
+    client_eval_loss_mean: float
+    client_eval_loss_worst10: float
+    client_eval_loss_std: float
+    tokens_seen: int
+    train_wall_s: float
+    train_tokens_per_s: float  # excluding rounds that include compilation
+    comm_mb: float
+    num_clients: int
+    devices: int
+    model: dict                # models.model_info of the trained model
+    config: dict               # the run's TOML-shaped config
+    data: dict                 # rundir.DataProvenance of the data it trained on
+
+
+@dataclass(frozen=True)
+class HumanEvalRecord:
+    """An evaluation (humaneval.json): scoring fields always, sampling fields when the samples were generated."""
+
+    pass_at_k: dict            # {"pass@1": ..., "pass@10": ...} for every k <= n
+    samples: int
+    passed: int
+    executions_per_s: float
+    timeout: float
+    isolation: dict            # what the sandbox achieved (eval.execute)
+    samples_file: str | None = None  # `eval score`: the file scored
+    run: str | None = None     # `eval humaneval`: the run and round sampled, and how
+    round: int | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    problems: int | None = None
+    generated_tokens: int | None = None
+    decode_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    nll: float | None = None             # mean canonical-solution NLL (nats per token)
+    nll_problems: int | None = None
+    nll_per_task: dict | None = None
