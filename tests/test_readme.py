@@ -23,3 +23,27 @@ def test_sweep_file_example_is_valid(tmp_path):
     (tmp_path / "my-sweep.toml").write_text(example)
     spec = load_spec(str(tmp_path / "my-sweep.toml"))
     assert len(cells(spec)) == 3 * 2 * 2 and spec["per_algorithm"]["fedadam"]["server_lr"] == 0.01
+
+
+def test_train_config_example_is_valid():
+    import tomllib
+
+    from fedjax_code.config import experiment_from_dict
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if b.startswith("seed = 0"))
+    cfg = experiment_from_dict(tomllib.loads(example))
+    assert cfg.data.source == "stdlib" and cfg.partition.scheme == "dirichlet"
+
+
+def test_register_example_adds_an_algorithm():
+    from fedjax_code import federated as fl
+    from fedjax_code.config import FederatedConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "fl.register" in b)
+    try:
+        exec(example, {"fl": fl})
+        assert FederatedConfig(algorithm="fedavg_half").algorithm == "fedavg_half"
+    finally:
+        fl.REGISTRY.pop("fedavg_half", None)
