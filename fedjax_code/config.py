@@ -157,7 +157,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _require(self.n >= 1 and self.max_new_tokens >= 1, "eval.n and eval.max_new_tokens must be at least 1")
-        _require(len(self.k) > 0 and min(self.k) >= 1, f"every k of pass@k must be a positive integer, not {self.k}")
+        _require(len(self.k) > 0 and all(isinstance(k, int) and k >= 1 for k in self.k),
+                 f"every k of pass@k must be a positive integer, not {self.k}")
         _require(0 < self.top_p <= 1 and self.temperature >= 0, "eval.top_p must be in (0, 1] and temperature >= 0")
         _require(self.timeout > 0 and self.workers >= 0, "eval.timeout must be positive and eval.workers >= 0")
         for name in ("problems", "nll_problems"):
@@ -169,6 +170,19 @@ class EvalConfig:
 def _is_slice(text: str) -> bool:
     parts = text.split(":")
     return len(parts) == 2 and all(p.strip().lstrip("-").isdigit() or not p.strip() for p in parts)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A sweep's ``[tune]``: the per-scale learning-rate protocol (``experiments.tuning``); off when empty."""
+
+    client_lr: tuple[float, ...] = ()  # candidate client learning rates
+    fraction: float = 0.25             # each trial's share of the cell's budget
+    partition: str = "iid"             # the partition the trials train on
+
+    def __post_init__(self):
+        _require(all(lr > 0 for lr in self.client_lr), f"every tune.client_lr must be positive, not {self.client_lr}")
+        _require(0 < self.fraction <= 1, f"tune.fraction must be in (0, 1], not {self.fraction}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,8 @@ _SECTIONS = {"model": ModelSection, "federated": FederatedConfig, "train": Train
 def _coerce(key: str, value, default):
     """Check a TOML value against the field's default type (ints are accepted for floats)."""
     if isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value)
         value = tuple(value) if ok else value
     elif isinstance(default, bool) or default is None:
         ok = isinstance(value, bool) if isinstance(default, bool) else isinstance(value, (str, type(None)))
@@ -218,7 +233,7 @@ def _coerce(key: str, value, default):
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    kind = "a list of integers" if isinstance(default, tuple) else "a string" if default is None else type(default).__name__
+    kind = "a list of numbers" if isinstance(default, tuple) else "a string" if default is None else type(default).__name__
     _require(ok, f"{key} must be {kind}, not {value!r}")
     return value
 

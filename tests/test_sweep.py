@@ -174,3 +174,26 @@ def test_report_of_a_partial_sweep_says_what_is_missing(tiny_sweep, tmp_path):
     assert f"missing: {missing.name} (not started)" in err and "report:" in stdout
     assert missing.name in (out / "report.md").read_text()
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_tuning_picks_each_scales_rate_and_cells_use_it(tiny_sweep_spec, tmp_path):
+    spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid','dirichlet-0.5']",
+                                                  "tune.client_lr=[0.05,1e30]", "tune.fraction=0.5"])
+    lines = []
+    outcomes = sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lines.append)
+    assert [o.status for o in outcomes] == ["done", "done"] and sum("[tune" in line for line in lines) == 2
+    chosen = json.loads((tmp_path / "s" / "tune" / "chosen.json").read_text())
+    (group, c), = chosen.items()
+    assert c["client_lr"] == 0.05 and c["trials"]["1e+30"] is None and c["trials"]["0.05"] > 0  # 1e30 diverged
+    for cell in sweep.cells(spec):
+        record = json.loads((tmp_path / "s" / "cells" / cell["id"] / "cell.json").read_text())
+        assert record["client_lr"] == 0.05 and record["lr_tuned"]
+        config = json.loads((tmp_path / "s" / "cells" / cell["id"] / "run" / "config.json").read_text())
+        assert config["config"]["federated"]["client_lr"] == 0.05
+    trial = json.loads((tmp_path / "s" / "tune" / f"{group}_lr=0.05" / "run" / "summary.json").read_text())
+    assert trial["config"]["data"]["scheme"] == "iid" and trial["rounds"] == 1  # half of the 2-round budget
+    from fedjax_code.experiments.report import write_report
+
+    write_report(tmp_path / "s")
+    assert "## Learning-rate tuning" in (tmp_path / "s" / "report.md").read_text()
+    assert (tmp_path / "s" / "plots" / "lr_tuning.png").is_file()

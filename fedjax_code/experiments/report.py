@@ -19,10 +19,11 @@ from matplotlib.ticker import NullLocator
 from fedjax_code.errors import UserError
 from fedjax_code.experiments import fits
 from fedjax_code.experiments.answer import GROUP_AXES, answer_group, has_value, pass_metric, sentences
+from fedjax_code.experiments.tuning import read_chosen
 from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, read_json, read_jsonl, write_atomic
 
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
-PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png")
+PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png", "lr_tuning.png")
 MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "humaneval_nll", "pass@1", "pass@10",
               "rounds_to_target")
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
@@ -88,7 +89,7 @@ def _scan(root: Path, sweep: dict) -> tuple[list[tuple[dict, Path]], list[dict]]
             status, error = "incomplete", "cell.json says done but summary.json or humaneval.json is missing"
         elif status == "done":
             try:
-                done.append((_row(cell_dir, cell, target), cell_dir))
+                done.append(({**_row(cell_dir, cell, target), "lr_tuned": info.get("lr_tuned", False)}, cell_dir))
                 continue
             except (KeyError, TypeError, ValueError) as err:
                 status, error = "unreadable", f"its summary.json or humaneval.json could not be read ({err!r})"
@@ -273,6 +274,26 @@ def _algorithms_section(rows: list[dict]) -> str:
     return f"## Algorithms and the non-IID gap\n\n{sentences}\n\n" + _table(header, body) + "\n"
 
 
+def _tuning_section(chosen: dict, plots: Path) -> str:
+    """Held-out loss of every tuning trial against its client learning rate, one line per tuning group."""
+    fig, axes = _subplots(1)
+    rows = []
+    for group, c in chosen.items():
+        pts = sorted((float(lr), loss) for lr, loss in c["trials"].items() if loss is not None)
+        color = axes[0].plot(*zip(*pts), "o-", label=group)[0].get_color() if pts else None
+        if c["client_lr"] in dict(pts):
+            axes[0].plot([c["client_lr"]], [dict(pts)[c["client_lr"]]], "*", ms=14, color=color)
+        rows.append([group, c["client_lr"], *(c["trials"].get(f"{lr:g}") for lr in sorted(map(float, c["trials"])))])
+    axes[0].set(xscale="log", xlabel="client learning rate", ylabel="held-out loss after the trial",
+                title="per-scale learning-rate tuning (star: chosen)")
+    _save(fig, axes, plots / "lr_tuning.png")
+    return ("## Learning-rate tuning\n\nEach scale's cells trained at the client learning rate whose short trial "
+            "(on the tuning partition) reached the lowest held-out loss (experiments/tuning.py). A chosen rate at "
+            "the edge of the candidates means the grid should widen.\n\n![lr tuning](plots/lr_tuning.png)\n\n"
+            + _table(["group", "chosen client_lr", *(f"loss @ {lr}" for lr in sorted(
+                {float(lr) for c in chosen.values() for lr in c["trials"]}))], rows) + "\n")
+
+
 def _clients_section(rows: list[dict], varying, plots: Path) -> str:
     """N_opt(K) per line and the fitted exponent of N_opt ∝ K^-beta (arXiv 2511.12188), with a plot."""
     lines, shown = defaultdict(dict), [v for v in varying if v != "clients"]
@@ -375,6 +396,9 @@ def write_report(sweep_dir) -> dict:
     if "clients" in varying:
         md.append(_clients_section(rows, varying, plots))
         produced.add("clients_vs_size.png")
+    if chosen := read_chosen(root):
+        md.append(_tuning_section(chosen, plots))
+        produced.add("lr_tuning.png")
     for stale in set(PLOTS) - produced:
         (plots / stale).unlink(missing_ok=True)
     write_atomic(root / "answer.json", json.dumps({"answer": answer, "groups": groups}, indent=1) + "\n")

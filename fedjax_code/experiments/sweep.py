@@ -27,12 +27,13 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedjax_code.config import (EvalConfig, ExperimentConfig, ReportConfig, apply_overrides, build_section,
-                                experiment_from_dict)
+from fedjax_code.config import (EvalConfig, ExperimentConfig, ReportConfig, TuneConfig, apply_overrides,
+                                build_section, experiment_from_dict)
 from fedjax_code.data.prepare import prepare, read_stats
 from fedjax_code.errors import UserError
 from fedjax_code.eval.humaneval import evaluate_run
 from fedjax_code.experiments.run import train
+from fedjax_code.experiments.tuning import group_key, run_tuning
 from fedjax_code.federated import cohort_size
 from fedjax_code.models import flops_per_token
 from fedjax_code.records import write_json
@@ -41,7 +42,7 @@ from fedjax_code.rundir import model_config
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 BUDGETS = ("rounds", "tokens", "flops")
-SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "base", "per_algorithm"}
+SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "tune", "base", "per_algorithm"}
 
 
 def presets() -> list[str]:
@@ -89,7 +90,9 @@ def validate_spec(spec: dict) -> dict:
     spec = {**spec, "description": spec.get("description", ""), "grid": grid, "budget": budget,
             "eval": _as_dict(build_section(EvalConfig, "eval", spec.get("eval", {}))),
             "report": _as_dict(build_section(ReportConfig, "report", spec.get("report", {}))),
+            "tune": _as_dict(build_section(TuneConfig, "tune", spec.get("tune", {}))),
             "base": spec.get("base", {}), "per_algorithm": spec.get("per_algorithm", {})}
+    partition_keys(spec["tune"]["partition"])
     for cell in cells(spec):
         cell_config(spec, cell["axes"], vocab_size=None)  # validates every cell before anything runs
     return spec
@@ -136,10 +139,12 @@ def cells(spec: dict) -> list[dict]:
     return out
 
 
-def cell_config(spec: dict, axes: dict, vocab_size: int | None) -> ExperimentConfig:
+def cell_config(spec: dict, axes: dict, vocab_size: int | None, client_lr: float | None = None,
+                budget_fraction: float = 1.0) -> ExperimentConfig:
     """The train config of one cell: the base, the cell's axes and the budget turned into rounds.
 
     With ``vocab_size=None`` (before the data exists) the base's ``data.vocab_size`` stands in.
+    ``client_lr`` (a tuned rate) and ``budget_fraction`` (a tuning trial's share) override the spec's.
     """
     d = json.loads(json.dumps(spec["base"]))
     d["seed"] = axes["seed"]
@@ -147,8 +152,11 @@ def cell_config(spec: dict, axes: dict, vocab_size: int | None) -> ExperimentCon
     d.setdefault("model", {})["scale"] = axes["scale"]
     d.setdefault("federated", {}).update(participation=axes["participation"], algorithm=axes["algorithm"])
     d["federated"].update(spec["per_algorithm"].get(axes["algorithm"], {}))
+    if client_lr is not None:
+        d["federated"]["client_lr"] = client_lr
     cfg = experiment_from_dict(d)
-    d["federated"]["rounds"] = budget_rounds(spec["budget"], cfg, vocab_size or cfg.data.vocab_size)
+    budget = {**spec["budget"], "value": spec["budget"]["value"] * budget_fraction}
+    d["federated"]["rounds"] = budget_rounds(budget, cfg, vocab_size or cfg.data.vocab_size)
     return experiment_from_dict(d)
 
 
@@ -195,10 +203,12 @@ def _cell_status(cell_dir: Path) -> str | None:
     return json.loads(path.read_text())["status"] if path.is_file() else None
 
 
-def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: bool) -> None:
+def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: bool,
+             client_lr: float | None = None) -> None:
     """Train (resuming any checkpoint) and evaluate one cell, keeping cell.json's status current."""
-    cfg = cell_config(spec, cell["axes"], vocab_size)
-    record = {**cell, "status": "training", "error": None, "rounds": cfg.federated.rounds}
+    cfg = cell_config(spec, cell["axes"], vocab_size, client_lr)
+    record = {**cell, "status": "training", "error": None, "rounds": cfg.federated.rounds,
+              "client_lr": cfg.federated.client_lr, "lr_tuned": client_lr is not None}
     cell_dir.mkdir(parents=True, exist_ok=True)
     write_json(cell_dir / "cell.json", record)
     began = time.perf_counter()
@@ -230,6 +240,10 @@ def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = F
     base = experiment_from_dict(spec["base"])
     vocab_size = read_stats(prepare(base.data, progress=progress))["vocab_size"]
     grid = cells(spec)
+    tuned = {}
+    if spec["tune"]["client_lr"]:
+        configure = lambda axes, lr, fraction: cell_config(spec, axes, vocab_size, lr, fraction)  # noqa: E731
+        tuned = run_tuning(spec, out, grid, configure, progress, log)
     outcomes = []
     for i, cell in enumerate(grid, 1):
         cell_dir = out / "cells" / cell["id"]
@@ -240,7 +254,7 @@ def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = F
             continue
         log(f"[{i}/{len(grid)}] {cell['id']}: {'resuming' if status else 'starting'}")
         try:
-            run_cell(spec, cell, cell_dir, vocab_size, progress)
+            run_cell(spec, cell, cell_dir, vocab_size, progress, tuned.get(group_key(cell["axes"])))
             outcomes.append(CellOutcome(cell["id"], "done"))
         except Exception as err:  # noqa: BLE001 - a failed cell is recorded and the sweep goes on
             message = _record_failure(cell, cell_dir, err)
