@@ -1,10 +1,13 @@
 """Test setup: 4 fake CPU devices (set before JAX starts) and a small prepared corpus shared by the suite."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ["FEDJAX_CODE_CACHE"] = tempfile.mkdtemp(prefix="fedjax-code-test-cache-")  # runs prepare data here
+atexit.register(shutil.rmtree, os.environ["FEDJAX_CODE_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
