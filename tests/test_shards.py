@@ -75,8 +75,9 @@ def test_small_client_samples_with_replacement_by_wrapping(shards):
 def test_heldout_windows_come_from_the_heldout_split(shards):
     _, split, end = shards.bounds[3]
     assert end - split == 600  # docs of 400 and 600 tokens: the boundary nearest 80% is at 400
-    windows = shards.heldout(3, seq_len=15, windows=20)  # 320 tokens: consecutive, no wrap
-    np.testing.assert_array_equal(windows.ravel(), shards.tokens[split : split + 320])
+    windows = shards.heldout(3, seq_len=15, windows=20)  # 320 of 600 tokens: spread evenly, a start every 30
+    starts = split + 30 * np.arange(20)
+    np.testing.assert_array_equal(windows, shards.tokens[starts[:, None] + np.arange(16)])
     wrapped = shards.heldout(3, seq_len=15, windows=40)  # 640 tokens: wraps after 600
     np.testing.assert_array_equal(wrapped.ravel(), shards.tokens[split + np.arange(640) % 600])
 

@@ -109,8 +109,11 @@ class ClientShards:
         return out
 
     def heldout(self, client_id: int, seq_len: int, windows: int) -> np.ndarray:
-        """``windows`` consecutive held-out windows int32 [W, T+1] of one client, from the start of its
-        held-out stream; a stream shorter than W windows wraps (every client gives the same shape)."""
+        """``windows`` held-out windows int32 [W, T+1] of one client, spread evenly over its held-out stream
+        (window i starts at i * length // W), so they sample whole files rather than the license headers and
+        docstrings that open them; a stream shorter than W windows gives consecutive windows that wrap
+        (every client gives the same shape)."""
         _, split, end = self.bounds[client_id]
         width = seq_len + 1
-        return self._windows(split, end - split, np.arange(windows) * width, width)
+        stride = max(width, (end - split) // windows)
+        return self._windows(split, end - split, np.arange(windows) * stride, width)
