@@ -1,4 +1,4 @@
-"""KV-cache decoding: cached forward vs Decoder.apply, left padding, sampling, early exit, stop sequences."""
+"""KV-cache decoding: Decoder with a cache vs without, left padding, sampling, early exit, stop sequences."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_code.models import Decoder, get_preset, init_params
+from fedjax_code.models import Decoder, get_preset, init_cache, init_params
 from fedjax_code.models import decode as D
 
 BASE = dataclasses.replace(get_preset("cpu-0.25"), vocab_size=256, max_len=64)
@@ -47,13 +47,18 @@ def greedy_reference(params, cfg, prompt, n):
     return seq[len(prompt):]
 
 
-def test_forward_with_cache_matches_decoder(model):
+def cached_apply(cfg):
+    """Jitted ``Decoder`` call with a cache: (params, tokens, positions, cache, index, mask) -> (logits, cache)."""
+    return jax.jit(lambda p, t, pos, cache, i, mask: Decoder(cfg).apply({"params": p}, t, pos, cache, i, mask))
+
+
+def test_cached_decoder_matches_decoder(model):
     cfg, params = model
     t = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 0, cfg.vocab_size, jnp.int32)
     ref = full_logits(cfg)(params, t)
     mask = D.attention_mask(jnp.zeros(2, jnp.int32), jnp.arange(20)[None], cfg.max_len)
     pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
-    out, cache = D.forward_with_cache(params, cfg, t, pos, D.init_cache(cfg, 2), 0, mask)
+    out, cache = cached_apply(cfg)(params, t, pos, init_cache(cfg, 2), 0, mask)
     assert out.dtype == jnp.float32 and out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert len(cache) == cfg.n_layers
@@ -61,14 +66,48 @@ def test_forward_with_cache_matches_decoder(model):
     assert not np.any(np.asarray(cache[0]["k"][:, 20:]))  # only slots [0, 20) written
 
 
-def test_forward_with_cache_bfloat16():
+def test_decoder_with_cache_defaults_equal_decoder_without(model):
+    """Cache index 0, default positions and the default (causal by slot) mask: the cache-free logits."""
+    cfg, params = model
+    t = jax.random.randint(jax.random.PRNGKey(5), (3, 24), 0, cfg.vocab_size, jnp.int32)
+    out, cache = jax.jit(lambda p, x, c: Decoder(cfg).apply({"params": p}, x, cache=c))(params, t, init_cache(cfg, 3))
+    np.testing.assert_allclose(out, full_logits(cfg)(params, t), rtol=1e-5, atol=1e-5)
+    # ... and continuing from that cache at cache_index 24 equals the cache-free call on the longer sequence.
+    more = jax.random.randint(jax.random.PRNGKey(6), (3, 5), 0, cfg.vocab_size, jnp.int32)
+    step, _ = Decoder(cfg).apply({"params": params}, more, cache=cache, cache_index=24)
+    ref = full_logits(cfg)(params, jnp.concatenate([t, more], axis=1))[:, 24:]
+    np.testing.assert_allclose(step, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_to_keep(model):
+    """logits_to_keep=n gives the last n positions' logits, with or without a cache (prefill keeps 1)."""
+    cfg, params = model
+    t = jax.random.randint(jax.random.PRNGKey(7), (2, 12), 0, cfg.vocab_size, jnp.int32)
+    ref = full_logits(cfg)(params, t)
+    last3 = Decoder(cfg).apply({"params": params}, t, logits_to_keep=3)
+    np.testing.assert_allclose(last3, ref[:, -3:], rtol=1e-5, atol=1e-5)
+    last, _ = Decoder(cfg).apply({"params": params}, t, cache=init_cache(cfg, 2), logits_to_keep=1)
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(last, ref[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_rejects_a_cache_that_does_not_fit():
+    cfg = BASE
+    params = params_of(cfg)
+    t = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="cache"):
+        Decoder(cfg).apply({"params": params}, t, cache=init_cache(cfg, 1, 4))
+    with pytest.raises(ValueError, match="cache"):
+        Decoder(cfg).apply({"params": params}, t, cache=init_cache(cfg, 1)[:-1])
+
+
+def test_cached_decoder_bfloat16():
     cfg = dataclasses.replace(BASE, dtype="bfloat16")
     params = params_of(cfg, scale=1.0)
     t = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size, jnp.int32)
     mask = D.attention_mask(jnp.zeros(2, jnp.int32), jnp.arange(16)[None], cfg.max_len)
-    out, cache = D.forward_with_cache(params, cfg, t, jnp.broadcast_to(jnp.arange(16), (2, 16)),
-                                      D.init_cache(cfg, 2), 0, mask)
-    assert cache[0]["k"].dtype == jnp.bfloat16
+    out, cache = cached_apply(cfg)(params, t, jnp.broadcast_to(jnp.arange(16), (2, 16)), init_cache(cfg, 2), 0, mask)
+    assert cache[0]["k"].dtype == jnp.bfloat16 and out.dtype == jnp.float32
     np.testing.assert_allclose(out, full_logits(cfg)(params, t), atol=0.05)
 
 
@@ -87,7 +126,7 @@ def test_prefill_then_cached_steps_match_full_recomputation(model):
     for t in range(8):
         tok = jnp.asarray(np.array([s[n + t] for s, n in zip(seqs, lengths)], np.int32))[:, None]
         mask = D.attention_mask(start, jnp.full((1, 1), p + t), cfg.max_len)
-        out, cache = D.forward_with_cache(params, cfg, tok, (lens + t)[:, None], cache, p + t, mask)
+        out, cache = cached_apply(cfg)(params, tok, (lens + t)[:, None], cache, p + t, mask)
         for b, n in enumerate(lengths):
             np.testing.assert_allclose(out[b, 0], refs[b][n + t], rtol=1e-4, atol=1e-4)
 

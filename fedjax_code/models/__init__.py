@@ -9,6 +9,7 @@ from fedjax_code.models.decoder import (
     attend,
     causal_mask,
     compute_dtype,
+    init_cache,
     init_params,
     loss_fn,
     num_params,
@@ -31,7 +32,7 @@ from fedjax_code.models.scales import (
 
 __all__ = [
     "Attention", "Decoder", "DecoderLayer", "MLP", "RMSNorm", "attend", "causal_mask", "compute_dtype",
-    "init_params", "loss_fn", "num_params", "rope",
+    "init_cache", "init_params", "loss_fn", "num_params", "rope",
     "CPU_BASE", "GPU_BASE", "LADDER_FACTORS", "PRESETS", "ModelConfig", "ModelConfigError",
     "flops_per_token", "format_ladder", "get_preset", "model_info", "param_count", "scale",
 ]

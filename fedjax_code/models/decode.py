@@ -2,14 +2,14 @@
 ``gemma/sampler.py``): a preallocated per-layer cache, a jitted prefill of left-padded prompts and a
 jitted ``lax.while_loop`` that emits one token per step and stops early once every row has finished.
 
-Cache layout: a list (one entry per layer) of ``{"k", "v"}`` arrays [B, L, n_kv_heads, head_dim] in the
-compute dtype, L = ``config.max_len`` by default. Prompts are left-padded to a bucketed width P, so every
-row's last prompt token sits in slot P-1 and generated token t is written to slot P+t (the end index).
-Row b's real tokens start at slot ``P - lengths[b]``; the attention mask is ``start_b <= key <= query``
-(causal + padding) over the whole cache, and RoPE positions count from 0 at each row's first real token,
-so a row decodes exactly as it would alone. Sampling: greedy (temperature 0), temperature and nucleus
-(top-p, Holtzman et al. 2020). Stop sequences (token ids) are matched each step against a fixed window
-of the last few generated ids; the forward reuses ``rope``/``attend`` and reads ``Decoder``'s params.
+Prefill and every loop step run ``Decoder(config).apply(..., cache, cache_index, attn_mask)``, the module
+that is trained (``decoder.py`` defines the cache layout and ``init_cache``). Prompts are left-padded to a
+bucketed width P, so every row's last prompt token sits in cache slot P-1 and generated token t is written
+to slot P+t (the end index). Row b's real tokens start at slot ``P - lengths[b]``; the attention mask is
+``start_b <= key <= query`` (causal + padding) over the whole cache, and RoPE positions count from 0 at each
+row's first real token, so a row decodes exactly as it would alone. The loop's carry is a
+``SamplingState``. Sampling: greedy (temperature 0), temperature and nucleus (top-p, Holtzman et al.
+2020). Stop sequences (token ids) are matched each step against a fixed window of the last few generated ids.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax import lax
 
-from fedjax_code.models.decoder import attend, compute_dtype, rope
+from fedjax_code.models.decoder import Decoder, init_cache
 from fedjax_code.models.scales import ModelConfig
 
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
@@ -31,78 +32,11 @@ TRACE_COUNTS: collections.Counter = collections.Counter()  # bumped only while t
 _SENTINEL = -1  # fills the stop-window before the first generated token; never a token id
 
 
-# ----------------------------------------------------------------------------- forward with cache
-
-def init_cache(config: ModelConfig, batch: int, length: int | None = None) -> list[dict]:
-    """Zeroed per-layer ``{"k", "v"}`` of shape [batch, length (default max_len), n_kv_heads, head_dim]."""
-    shape = (batch, config.max_len if length is None else length, config.n_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, compute_dtype(config))
-    return [{"k": zeros, "v": zeros} for _ in range(config.n_layers)]
-
-
 def attention_mask(start: jax.Array, query_slots: jax.Array, cache_len: int) -> jax.Array:
     """Bool [B,S,cache_len]: query at slot q of row b sees key slots start[b] <= s <= q."""
     keys = jnp.arange(cache_len)[None, None, :]
     query_slots = jnp.broadcast_to(query_slots, (start.shape[0], query_slots.shape[-1]))
     return (keys <= query_slots[:, :, None]) & (keys >= start[:, None, None])
-
-
-def _rms_norm(x, weight, eps, dtype):
-    """RMSNorm as ``decoder.RMSNorm``: float32 statistics, learned scale, cast to ``dtype``."""
-    xf = x.astype(jnp.float32)
-    return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * weight).astype(dtype)
-
-
-def _dense(x, kernel, dtype):
-    """Bias-free Dense as flax computes it: inputs and [in,out] kernel cast to the compute dtype."""
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-
-
-def _layer(p, c: ModelConfig, x, positions, kv, write_index, mask):
-    """One pre-norm block; writes this chunk's k/v into the cache at ``write_index`` and attends over it."""
-    dt, (b, s, _) = compute_dtype(c), x.shape
-    a, m = p["self_attn"], p["mlp"]
-    h = _rms_norm(x, p["input_layernorm"]["weight"], c.norm_eps, dt)
-    q = _dense(h, a["q_proj"]["kernel"], dt).reshape(b, s, c.n_heads, c.head_dim)
-    k = _dense(h, a["k_proj"]["kernel"], dt).reshape(b, s, c.n_kv_heads, c.head_dim)
-    v = _dense(h, a["v_proj"]["kernel"], dt).reshape(b, s, c.n_kv_heads, c.head_dim)
-    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    at = (0, write_index, 0, 0)
-    kv = {"k": lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), at),
-          "v": lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
-    x = x + _dense(attend(q, kv["k"], kv["v"], mask).reshape(b, s, -1), a["o_proj"]["kernel"], dt)
-    h = _rms_norm(x, p["post_attention_layernorm"]["weight"], c.norm_eps, dt)
-    gate = jax.nn.silu(_dense(h, m["gate_proj"]["kernel"], dt)) * _dense(h, m["up_proj"]["kernel"], dt)
-    return x + _dense(gate, m["down_proj"]["kernel"], dt), kv
-
-
-def _hidden(params, config, tokens, positions, cache, write_index, attn_mask):
-    """Final-normed hidden states [B,S,d] and the updated cache."""
-    dt = compute_dtype(config)
-    x = jnp.take(params["embed_tokens"]["embedding"].astype(dt), tokens, axis=0)
-    new_cache = []
-    for i, kv in enumerate(cache):
-        x, kv = _layer(params[f"layers_{i}"], config, x, positions, kv, write_index, attn_mask)
-        new_cache.append(kv)
-    return _rms_norm(x, params["norm"]["weight"], config.norm_eps, dt), new_cache
-
-
-def _head(params, config, x):
-    """Logits (float32) from hidden states: tied embedding or ``lm_head``."""
-    dt = compute_dtype(config)
-    if config.tie_embeddings:
-        return _dense(x, params["embed_tokens"]["embedding"].T, dt).astype(jnp.float32)
-    return _dense(x, params["lm_head"]["kernel"], dt).astype(jnp.float32)
-
-
-def forward_with_cache(params, config: ModelConfig, tokens, positions, cache, write_index, attn_mask):
-    """Decoder forward of tokens [B,S] at RoPE positions [B,S], writing k/v to cache slots
-    [write_index, write_index+S) and attending over the whole cache under attn_mask [B,S,L].
-
-    Returns (logits [B,S,V] float32, new_cache); matches ``Decoder.apply`` on the same params.
-    """
-    x, cache = _hidden(params, config, tokens, positions, cache, write_index, attn_mask)
-    return _head(params, config, x), cache
 
 
 # ----------------------------------------------------------------------------- prompts and prefill
@@ -139,8 +73,8 @@ def prefill(params, config: ModelConfig, tokens, lengths, cache_len: int | None 
     start, slots = p - lengths, jnp.arange(p)
     positions = jnp.maximum(slots[None, :] - start[:, None], 0)
     mask = attention_mask(start, slots[None, :], cache[0]["k"].shape[1])
-    x, cache = _hidden(params, config, tokens, positions, cache, 0, mask)
-    return _head(params, config, x[:, -1]), cache
+    logits, cache = Decoder(config).apply({"params": params}, tokens, positions, cache, 0, mask, logits_to_keep=1)
+    return logits[:, 0], cache
 
 
 # ----------------------------------------------------------------------------- sampling loop
@@ -188,6 +122,18 @@ def _stop_hit(window, stop_ids, stop_valid):
     return jnp.any(jnp.all(eq, axis=-1), axis=-1)
 
 
+@struct.dataclass
+class SamplingState:
+    """The carry of ``sample_loop``'s ``lax.while_loop`` (B rows, W stop-window width, N max new tokens)."""
+
+    step: jax.Array  # [] int32: tokens sampled so far
+    done: jax.Array  # [B] bool: the row emitted EOS or ended a stop sequence
+    num: jax.Array  # [B] int32: tokens generated per row (a final EOS counted)
+    buf: jax.Array  # [B, W-1+N] int32: W-1 sentinels, then the generated ids (pad_id once done)
+    logits: jax.Array  # [B, V] float32: logits of the next token
+    cache: list  # n_layers x {"k", "v"} [B, L, n_kv_heads, head_dim] compute dtype
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def sample_loop(params, config: ModelConfig, cache, logits, lengths, prompt_len, key, temperature, top_p,
                 eos_id, pad_id, stop_ids, stop_valid, *, max_new_tokens: int):
@@ -202,31 +148,31 @@ def sample_loop(params, config: ModelConfig, cache, logits, lengths, prompt_len,
     start, cache_len = prompt_len - lengths, cache[0]["k"].shape[1]
     cols = jnp.arange(w - 1 + max_new_tokens)
     buf = jnp.broadcast_to(jnp.where(cols < w - 1, _SENTINEL, pad_id), (b, cols.shape[0])).astype(jnp.int32)
+    model = Decoder(config)
 
     def feed(tok, step, cache):
         mask = attention_mask(start, (prompt_len + step)[None, None], cache_len)
-        out, cache = forward_with_cache(params, config, tok[:, None], (lengths + step)[:, None], cache,
-                                        prompt_len + step, mask)
+        out, cache = model.apply({"params": params}, tok[:, None], (lengths + step)[:, None], cache,
+                                 prompt_len + step, mask)
         return out[:, 0], cache
 
-    def body(s):
-        step, done = s["step"], s["done"]
-        tok = jnp.where(done, pad_id, sample_token(s["logits"], jax.random.fold_in(key, step), temperature, top_p))
-        buf = lax.dynamic_update_slice(s["buf"], tok[:, None], (0, w - 1 + step))
-        window = lax.dynamic_slice(buf, (0, step), (b, w))
-        finished = done | (tok == eos_id) | _stop_hit(window, stop_ids, stop_valid)
-        more = ~jnp.all(finished) & (step + 1 < max_new_tokens)
-        new_logits, new_cache = lax.cond(more, lambda c: feed(tok, step, c), lambda c: (s["logits"], c), s["cache"])
-        return {"step": step + 1, "done": finished, "num": s["num"] + (~done).astype(jnp.int32), "buf": buf,
-                "logits": new_logits, "cache": new_cache}
+    def body(s: SamplingState) -> SamplingState:
+        tok = jnp.where(s.done, pad_id, sample_token(s.logits, jax.random.fold_in(key, s.step), temperature, top_p))
+        buf = lax.dynamic_update_slice(s.buf, tok[:, None], (0, w - 1 + s.step))
+        window = lax.dynamic_slice(buf, (0, s.step), (b, w))
+        finished = s.done | (tok == eos_id) | _stop_hit(window, stop_ids, stop_valid)
+        more = ~jnp.all(finished) & (s.step + 1 < max_new_tokens)
+        new_logits, new_cache = lax.cond(more, lambda c: feed(tok, s.step, c), lambda c: (s.logits, c), s.cache)
+        return SamplingState(step=s.step + 1, done=finished, num=s.num + (~s.done).astype(jnp.int32), buf=buf,
+                             logits=new_logits, cache=new_cache)
 
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+    def cond(s: SamplingState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    init = {"step": jnp.int32(0), "done": jnp.zeros((b,), bool), "num": jnp.zeros((b,), jnp.int32), "buf": buf,
-            "logits": logits, "cache": cache}
+    init = SamplingState(step=jnp.int32(0), done=jnp.zeros((b,), bool), num=jnp.zeros((b,), jnp.int32), buf=buf,
+                         logits=logits, cache=list(cache))
     s = lax.while_loop(cond, body, init)
-    return s["buf"][:, w - 1:], s["num"], s["step"]
+    return s.buf[:, w - 1:], s.num, s.step
 
 
 # ----------------------------------------------------------------------------- host API

@@ -6,9 +6,11 @@ Parameter names follow HF Llama/Qwen2 (``embed_tokens``, ``layers_{i}/self_attn/
 checkpoints map onto it; Dense kernels are stored [in, out], i.e. transposed relative to torch.
 
 ``init``/``apply`` are pure: params are a plain dict of float32 arrays that can be stacked on a leading
-client axis and vmapped. The attention is split into ``Attention.qkv`` (projection + RoPE), the free
-function ``attend`` (the math, given an explicit mask) and ``Attention.out`` so that a KV cache can be
-threaded between them later.
+client axis and vmapped. The one ``Decoder`` serves training, evaluation and sampling: called with an
+explicit KV cache (``init_cache``: per-layer ``{"k", "v"}`` [B, L, n_kv_heads, head_dim]) it writes this
+chunk's keys/values at ``cache_index``, attends over the whole cache under a given mask and returns the
+new cache with the logits, as in Gemma's sampler (google-deepmind/gemma); no mutable flax collections,
+so it jits and vmaps like the cache-free call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from fedjax_code.models.scales import ModelConfig
 
@@ -142,9 +145,20 @@ class Attention(nn.Module):
         """Merge heads of y [B,T,H,D] and project back to [B,T,d]."""
         return self.o_proj(y.reshape(*y.shape[:2], -1))
 
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, kv=None, cache_index=None):
+        """Attention of x [B,T,d] -> (y [B,T,d], kv).
+
+        Without ``kv`` the keys are x's own (mask [.,T,T]) and kv stays None. With this layer's cache
+        ``kv`` ({"k","v"} [B,L,KV,D]) the chunk's k/v are written at slots [cache_index, cache_index+T)
+        and q attends over all L slots (mask [B,T,L]); the updated cache is returned.
+        """
         q, k, v = self.qkv(x, positions)
-        return self.out(attend(q, k, v, mask))
+        if kv is not None:
+            at = (0, cache_index, 0, 0)
+            kv = {"k": lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), at),
+                  "v": lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), at)}
+            k, v = kv["k"], kv["v"]
+        return self.out(attend(q, k, v, mask)), kv
 
 
 class MLP(nn.Module):
@@ -160,45 +174,79 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); returns (x, kv) as ``Attention``."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, kv=None, cache_index=None):
         c, dt = self.config, compute_dtype(self.config)
-        x = x + Attention(c, name="self_attn")(RMSNorm(c.norm_eps, dt, name="input_layernorm")(x), positions, mask)
-        return x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x))
+        h = RMSNorm(c.norm_eps, dt, name="input_layernorm")(x)
+        h, kv = Attention(c, name="self_attn")(h, positions, mask, kv, cache_index)
+        x = x + h
+        return x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, dt, name="post_attention_layernorm")(x)), kv
 
 
 class Decoder(nn.Module):
-    """The LM: ``apply({'params': p}, tokens[B,T] int32, positions=None) -> logits [B,T,V] float32``.
+    """The LM. ``apply({'params': p}, tokens [B,T] int32, positions=None)`` -> logits [B,T,V] float32.
 
-    ``positions`` ([T] or [B,T], default 0..T-1) only set the RoPE phases; the causal mask is by index.
+    With ``cache`` (``init_cache``'s per-layer list) it returns ``(logits, new_cache)``: the chunk's k/v
+    go to cache slots [cache_index, cache_index+T) (default 0) and queries attend over the whole cache
+    under ``attn_mask`` [B,T,L] (default: causal by slot, key slot <= query slot). ``positions`` ([T] or
+    [B,T], default cache_index + 0..T-1) only set the RoPE phases; without a cache the mask is causal by index.
+    ``logits_to_keep`` = n > 0 (a Python int, as in HF transformers) computes the logits of the last n
+    positions only, [B,n,V]: a prefill needs just the last one.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None):
+    def __call__(self, tokens, positions=None, cache=None, cache_index=None, attn_mask=None,
+                 logits_to_keep: int = 0):
         c, dt = self.config, compute_dtype(self.config)
         b, t = tokens.shape
         if t > c.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len {c.max_len}")
-        positions = jnp.arange(t) if positions is None else jnp.asarray(positions)
+        start = 0 if cache_index is None else cache_index
+        positions = start + jnp.arange(t) if positions is None else jnp.asarray(positions)
         positions = jnp.broadcast_to(positions, (b, t))
+        mask, layer_kv = _mask_and_kv(c, t, cache, start, attn_mask)
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=PARAM_DTYPE,
                          embedding_init=nn.initializers.normal(INIT_STD), name="embed_tokens")
-        x = embed(tokens)
-        mask = causal_mask(t)
-        for i in range(c.n_layers):
-            x = DecoderLayer(c, name=f"layers_{i}")(x, positions, mask)
-        x = RMSNorm(c.norm_eps, dt, name="norm")(x)
+        x, new_cache = embed(tokens), []
+        for i, kv in enumerate(layer_kv):
+            x, kv = DecoderLayer(c, name=f"layers_{i}")(x, positions, mask, kv, start)
+            new_cache.append(kv)
+        x = RMSNorm(c.norm_eps, dt, name="norm")(x[:, -logits_to_keep:] if logits_to_keep else x)
         if c.tie_embeddings:
             logits = tied_logits(x, embed.embedding.astype(dt))
         else:
             logits = _dense(c.vocab_size, dt, "lm_head")(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def _mask_and_kv(config: ModelConfig, t: int, cache, cache_index, attn_mask):
+    """(attention mask, per-layer kv) for a chunk of t tokens: without a cache the causal [1,T,T] mask and
+    no kv; with one, ``attn_mask`` or by default the causal-by-slot [1,T,L] mask (slot cache_index + i sees
+    slots <= cache_index + i), and the cache, checked to hold n_layers entries of at least t slots."""
+    if cache is None:
+        return causal_mask(t), [None] * config.n_layers
+    length = cache[0]["k"].shape[1]
+    if len(cache) != config.n_layers or t > length:
+        raise ValueError(f"cache of {len(cache)} layers x {length} slots does not fit {config.n_layers} layers "
+                         f"x {t} tokens")
+    if attn_mask is None:
+        attn_mask = (jnp.arange(length)[None, :] <= cache_index + jnp.arange(t)[:, None])[None]
+    return attn_mask, cache
+
+
+def init_cache(config: ModelConfig, batch: int, length: int | None = None) -> list[dict]:
+    """Zeroed per-layer ``{"k", "v"}`` of shape [batch, length (default max_len), n_kv_heads, head_dim]
+    in the compute dtype: the ``cache`` argument of ``Decoder``."""
+    shape = (batch, config.max_len if length is None else length, config.n_kv_heads, config.head_dim)
+    zeros = jnp.zeros(shape, compute_dtype(config))
+    return [{"k": zeros, "v": zeros} for _ in range(config.n_layers)]
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> dict:
