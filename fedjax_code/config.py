@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedjax_code.errors import UserError
 from fedjax_code.federated.algorithms import REGISTRY as ALGORITHMS
+from fedjax_code.federated.schedules import SCHEDULES
 
 UNITS = ("file", "function")
 SCHEMES = ("iid", "dirichlet", "pathological", "natural", "size")
@@ -44,6 +45,7 @@ class DataConfig:
     decontam_ngram: int = 13
     vocab_size: int = 8192
     tokenizer: str | None = None
+    topics: int = 12  # topic classes for label skew (data.topics); 8-20 are sensible
 
     def __post_init__(self):
         _require(self.unit in UNITS, f"unit must be one of {', '.join(UNITS)}, not {self.unit!r}")
@@ -51,6 +53,7 @@ class DataConfig:
         _require(0 <= self.min_file_bytes <= self.max_file_bytes, "min_file_bytes must be between 0 and max_file_bytes")
         _require(self.decontam_ngram >= 1, "decontam_ngram must be at least 1")
         _require(self.vocab_size >= 300, f"vocab_size must be at least 300 (256 bytes + specials), not {self.vocab_size}")
+        _require(self.topics >= 1, f"topics must be at least 1, not {self.topics}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ class FederatedConfig:
     weighted_sampling: bool = False
     weighting: str = "examples"
     clients_in_parallel: int = 0  # cohort clients trained at once; 0: automatic (components.parallel_clients)
+    client_lr_schedule: str = "constant"  # across rounds: constant | cosine | inverse-sqrt (federated.schedules)
+    server_lr_schedule: str = "constant"
+    warmup_rounds: int = 0        # linear warm-up of the non-constant schedules (may exceed rounds)
+    final_lr_ratio: float = 0.1   # cosine: the last round's lr / the lr
 
     def __post_init__(self):
         _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
@@ -125,6 +132,11 @@ class FederatedConfig:
         _require(self.clients_in_parallel >= 0,
                  f"clients_in_parallel must be >= 0 (0: automatic), not {self.clients_in_parallel}")
         _require(self.weighting in ("examples", "uniform"), f"weighting must be examples or uniform, not {self.weighting!r}")
+        for name in ("client_lr_schedule", "server_lr_schedule"):
+            _require(getattr(self, name) in SCHEDULES,
+                     f"federated.{name} must be one of {', '.join(SCHEDULES)}, not {getattr(self, name)!r}")
+        _require(self.warmup_rounds >= 0, f"warmup_rounds must be >= 0, not {self.warmup_rounds}")
+        _require(0 < self.final_lr_ratio <= 1, f"final_lr_ratio must be in (0, 1], not {self.final_lr_ratio}")
 
 
 @dataclass(frozen=True)

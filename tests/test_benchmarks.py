@@ -19,3 +19,24 @@ def test_round_throughput_quick():
                 "engine_over_loop", "clients_in_parallel"} <= set(row)
         assert 1 <= row["clients_in_parallel"] <= row["cohort"]
         assert row["loop_param_max_diff"] < 1e-5  # the engine, the one-vmap round and the loop agree
+
+
+def test_training_recipe_quick():
+    proc = subprocess.run([sys.executable, str(BENCH / "training_recipe.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows] == ["baseline", "client-cosine", "fedadam-0.01", "best"]
+    for row in rows:
+        assert {"eval_loss", "unigram_entropy", "eval_minus_entropy", "train_wall_s", "rounds", "tokens_seen",
+                "client_lr_schedule", "change", "unigram_eval_ce"} <= set(row)
+        assert row["tokens_seen"] == rows[0]["tokens_seen"] and row["eval_loss"] > 0 and row["unigram_entropy"] > 0
+    assert rows[1]["client_lr_schedule"] == "cosine"
+
+
+def test_decode_throughput_quick():
+    proc = subprocess.run([sys.executable, str(BENCH / "decode_throughput.py"), "--scales", "0.5", "--repeats", "1",
+                           "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert "0.5" in json.dumps(result) and "decode" in json.dumps(result)

@@ -40,10 +40,26 @@ def test_required_keys_exist():
     (["optimizer.lr=1"], "unknown section or key"),
     (["rounds"], "must look like section.key=value"),
     (["model.scale=0"], "model.scale must be positive"),
+    (["federated.client_lr_schedule=linear"], "federated.client_lr_schedule must be one of constant, cosine"),
+    (["federated.server_lr_schedule=1"], "federated.server_lr_schedule must be str"),
+    (["federated.warmup_rounds=-1"], "warmup_rounds must be >= 0"),
+    (["federated.final_lr_ratio=0"], "final_lr_ratio must be in (0, 1]"),
+    (["federated.final_lr_ratio=1.5"], "final_lr_ratio must be in (0, 1]"),
 ])
 def test_bad_values_are_one_sentence(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         load_experiment(None, overrides)
+
+
+def test_lr_schedule_keys():
+    cfg = load_experiment(None, ["federated.client_lr_schedule=cosine", "federated.server_lr_schedule=inverse-sqrt",
+                                 "federated.warmup_rounds=3", "federated.final_lr_ratio=0.05"])
+    f = cfg.federated
+    assert (f.client_lr_schedule, f.server_lr_schedule, f.warmup_rounds, f.final_lr_ratio) == \
+        ("cosine", "inverse-sqrt", 3, 0.05)
+    defaults = ExperimentConfig().federated
+    assert (defaults.client_lr_schedule, defaults.server_lr_schedule, defaults.warmup_rounds) == \
+        ("constant", "constant", 0)
 
 
 def test_bad_files(tmp_path):

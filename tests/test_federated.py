@@ -401,3 +401,118 @@ def test_sharded_equals_single_device_and_traces_once(which):
     close(s_cs, cs, rtol=1e-5)
     close(m4, m1, rtol=1e-5)
     assert int(s_state.round) == 3
+
+
+# ----------------------------------------------------------------------------- learning-rate schedules
+
+
+def test_schedule_values_by_hand():
+    """n = round + 1, W = warmup. cosine R=11, W=3, ratio 0.1: 1/3 at round 0, 1 at round 2 (end of warm-up),
+    0.1 + 0.9 * (1 + cos(pi * 4/8)) / 2 = 0.55 at round 6, 0.1 at round 10 (the last).
+    inverse-sqrt W=4: 1/4 at round 0, 1 at round 3, sqrt(4/16) = 0.5 at round 15. constant: 1."""
+    value = lambda name, r, *a: float(fl.lr_factor(name, *a)(jnp.int32(r)))  # noqa: E731
+    for r, expected in ((0, 1 / 3), (2, 1.0), (6, 0.55), (10, 0.1)):
+        assert value("cosine", r, 11, 3, 0.1) == pytest.approx(expected, rel=1e-6)
+    assert value("cosine", 0, 11, 0, 0.1) == 1.0 and value("cosine", 10, 11, 0, 0.25) == pytest.approx(0.25)
+    for r, expected in ((0, 0.25), (3, 1.0), (15, 0.5)):
+        assert value("inverse-sqrt", r, 16, 4) == pytest.approx(expected, rel=1e-6)
+    assert all(fl.lr_factor("constant", 10, 3)(r) == 1.0 for r in range(10))
+    lr = fl.server_learning_rate("cosine", 2.0, 11, 3, 0.1)
+    assert float(lr(2)) == pytest.approx(2.0) and float(lr(10)) == pytest.approx(0.2)
+    assert fl.server_learning_rate("constant", 2.0, 11, 3) == 2.0
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        fl.lr_factor("linear", 10)
+
+
+def _config(**kw):
+    from fedjax_code.config import FederatedConfig
+
+    return FederatedConfig(**{"client_optimizer": "adamw", "client_lr": 0.05, "clip_norm": 0.0, "rounds": 5, **kw})
+
+
+def test_constant_schedules_are_todays_round_bit_for_bit():
+    """build_algorithm with the default (constant) schedules is the schedule-free algorithm, bit for bit."""
+    cohort = linreg_cohort(c=4, e=3, weights=[1, 2, 3, 4], mask=[1, 1, 0, 1])
+    for name in ("fedavg", "fedadam"):
+        f = _config(algorithm=name, server_lr=0.1)
+        built = fl.build_algorithm(f, linreg_loss)
+        plain = fl.fedavg(linreg_loss, fl.client_optimizer("adamw", 0.05),
+                          fl.server_optimizer(fl.REGISTRY[name].server_optimizer, 0.1, momentum=f.server_momentum))
+        equal(one_round(built, linreg_params(), cohort, rounds=3), one_round(plain, linreg_params(), cohort, rounds=3))
+    sgd = fl.client_optimizer("sgd", 0.1)
+    batches = jax.tree.map(lambda x: x[0], cohort.batches)
+    equal(jax.jit(lambda s: fl.client_update(linreg_params(), batches, cohort.step_mask[0], sgd, linreg_loss,
+                                             lr_scale=s))(jnp.float32(1.0)),
+          jax.jit(lambda: fl.client_update(linreg_params(), batches, cohort.step_mask[0], sgd, linreg_loss))())
+
+
+def test_scheduled_round_scales_one_sgd_step():
+    """One local SGD step at round 1 (cosine factor 2/4 during the warm-up): x <- x - 0.5 * lr * mean gradient."""
+    lr, rounds, warmup = 0.1, 10, 4  # cosine factor at round 1: 2/4 = 0.5
+    cohort = linreg_cohort(c=3, e=1, b=4)
+    params = linreg_params()
+    alg = fl.fedavg(linreg_loss, optax.sgd(lr), client_schedule=fl.lr_factor("cosine", rounds, warmup))
+    state, cs = alg.init(params, 3)
+    state, _, _ = jax.jit(alg.apply)(state.replace(round=jnp.int32(1)), cs, cohort)
+    grads = [jax.grad(linreg_loss)(params, jax.tree.map(lambda x: x[i, 0], cohort.batches)) for i in range(3)]
+    mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+    close(state.params, jax.tree.map(lambda p, g: p - 0.5 * lr * g, params, mean_grad))
+    assert int(state.round) == 2
+
+
+def loop_rounds(make, params, cohorts, num_clients):
+    """The reference: a plain loop whose round r applies the schedule-free algorithm ``make(r)`` to the carried state."""
+    state, cs = make(0).init(params, num_clients)
+    for r, cohort in enumerate(cohorts):
+        state, cs, metrics = make(r).apply(state, cs, cohort)
+    return state, cs, metrics
+
+
+def test_scheduled_rounds_equal_a_loop_and_trace_once():
+    """Client adamw with a cosine schedule and a server sgd with an inverse-sqrt schedule, vmapped and jitted
+    once, equal a loop whose round r uses learning rates lr * factor(r) (client) and server_lr * factor(r)."""
+    rounds, warmup, lr, server_lr = 4, 2, 0.05, 0.8
+    client_f, server_f = fl.lr_factor("cosine", rounds, warmup, 0.2), fl.lr_factor("inverse-sqrt", rounds, warmup)
+    f = _config(client_lr_schedule="cosine", server_lr_schedule="inverse-sqrt", warmup_rounds=warmup,
+                final_lr_ratio=0.2, rounds=rounds, server_lr=server_lr)
+    alg = fl.build_algorithm(f, linreg_loss, parallel=2)
+    cohorts = [linreg_cohort(c=4, e=3, seed=r, weights=[1, 2, 3, 4], mask=[1, 1, 0, 1],
+                             step_mask=[[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]]) for r in range(rounds)]
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return alg.apply(*args)
+
+    round_fn = jax.jit(counted)
+    state, cs = alg.init(linreg_params(), 4)
+    for cohort in cohorts:
+        state, cs, metrics = round_fn(state, cs, cohort)
+    assert len(traces) == 1 and int(state.round) == rounds
+
+    def make(r):
+        return fl.fedavg(linreg_loss, fl.client_optimizer("adamw", lr * float(client_f(r))),
+                         optax.sgd(server_lr * float(server_f(r))))
+
+    ref_state, _, ref_metrics = loop_rounds(make, linreg_params(), cohorts, 4)
+    close(state.params, ref_state.params)
+    close(metrics, ref_metrics)
+    constant = one_round(fl.build_algorithm(_config(rounds=rounds, server_lr=server_lr), linreg_loss),
+                         linreg_params(), cohorts[0])[0]
+    assert not np.allclose(state.params["w"], constant.params["w"])
+
+
+def test_scaffold_with_schedule_equals_a_loop():
+    """SCAFFOLD option II divides by tau * (the round's scaled lr): a scheduled run equals a loop whose round r is
+    SCAFFOLD at client_lr * factor(r), control variates carried across rounds."""
+    rounds, lr = 3, 0.5
+    factor = fl.lr_factor("cosine", rounds, 2, 0.3)
+    cohort = quad_cohort([1.0, 2.0, 5.0], [2.0, -1.0, 9.0], e=2, mask=[1, 1, 0])
+    alg = fl.scaffold(quad_loss, lr, client_schedule=factor)
+    scheduled = one_round(alg, {"x": jnp.float32(0.0)}, cohort, num_clients=3, rounds=rounds)
+    make = lambda r: fl.scaffold(quad_loss, lr * float(factor(r)))  # noqa: E731
+    close(scheduled, loop_rounds(make, {"x": jnp.float32(0.0)}, [cohort] * rounds, 3))
+    f = _config(algorithm="scaffold", client_optimizer="sgd", client_lr=lr, client_lr_schedule="cosine",
+                warmup_rounds=2, final_lr_ratio=0.3, rounds=rounds)
+    close(one_round(fl.build_algorithm(f, quad_loss), {"x": jnp.float32(0.0)}, cohort, num_clients=3,
+                    rounds=rounds), scheduled)

@@ -40,6 +40,7 @@ def client_update(
     loss_fn: LossFn,
     grad_correction: PyTree | None = None,
     penalty: Callable[[PyTree], jax.Array] | None = None,
+    lr_scale: jax.Array | float = 1.0,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """Run up to E local steps from `params` and return (delta, mean loss, tau).
 
@@ -49,6 +50,8 @@ def client_update(
     grad_correction: a params-shaped pytree added to every gradient (SCAFFOLD's c - c_i).
     penalty: params -> scalar added to the objective for the gradient but not to the reported loss
     (FedProx's proximal term).
+    lr_scale: a (traced) scalar multiplying every optimizer update: this round's learning-rate factor
+    (`schedules.lr_factor`), since the optimizer, re-initialised each round, cannot count rounds.
     Returns delta = final - start params, the mean `loss_fn` over active steps (0 if none), and
     tau = number of active steps (int32).
     """
@@ -63,6 +66,7 @@ def client_update(
         if grad_correction is not None:
             g = jax.tree.map(lambda a, c: a + c.astype(a.dtype), g, grad_correction)
         updates, s_new = optimizer.update(g, s, p)
+        updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
         p_new = optax.apply_updates(p, updates)
         return (_select(active, p_new, p), _select(active, s_new, s)), jnp.where(active, loss, 0.0)
 

@@ -77,21 +77,33 @@ def run_clients(
     corrections: PyTree | None = None,
     penalty: Callable[[PyTree], jax.Array] | None = None,
     parallel: int | None = None,
+    lr_scale: jax.Array | float = 1.0,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """client_update for every cohort member from the shared `params`, vectorised by `map_clients`:
-    (deltas [C,...], losses [C], taus [C]). `corrections`, if given, is per client [C, ...]."""
+    (deltas [C,...], losses [C], taus [C]). `corrections`, if given, is per client [C, ...];
+    `lr_scale` (this round's client learning-rate factor, see `client_lr_scale`) is shared."""
 
     def one(xs):
         batches, step_mask, corr = xs
-        return client_update(params, batches, step_mask, client_opt, loss_fn, corr, penalty)
+        return client_update(params, batches, step_mask, client_opt, loss_fn, corr, penalty, lr_scale)
 
     return map_clients(one, (cohort.batches, cohort.step_mask, corrections), parallel)
 
 
+def client_lr_scale(client_schedule: Callable | None, state: ServerState) -> jax.Array | float:
+    """This round's client learning-rate factor, ``client_schedule(state.round)`` (traced: the round is
+    compiled once); 1 without a schedule. See `schedules.lr_factor`."""
+    return 1.0 if client_schedule is None else client_schedule(state.round)
+
+
 def server_optimizer(
-    name: str = "sgd", lr: float = 1.0, momentum: float = 0.0, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
+    name: str = "sgd", lr: optax.ScalarOrSchedule = 1.0, momentum: float = 0.0, b1: float = 0.9, b2: float = 0.99,
+    eps: float = 1e-3,
 ) -> optax.GradientTransformation:
     """Server optimiser applied to the pseudo-gradient -mean_delta.
+
+    ``lr`` may be an optax schedule of the optimiser's count, which advances once per round
+    (`schedules.server_learning_rate`).
 
     'sgd'/'fedavg': optax.sgd(lr) (lr=1 is plain FedAvg); 'fedavgm': optax.sgd(lr, momentum);
     'fedadam': optax.adam; 'fedyogi': optax.yogi; 'fedadagrad': optax.adagrad with accumulator

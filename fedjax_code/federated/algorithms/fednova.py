@@ -7,22 +7,25 @@ import optax
 
 from ..aggregate import normalized_weights, weighted_sum
 from ..client import LossFn
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
+from ..schedules import Schedule
+from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_step, stateless_init
 from .registry import AlgorithmSpec, register
 
 
 def fednova(
     loss_fn: LossFn, client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
-    parallel: int | None = None,
+    parallel: int | None = None, client_schedule: Schedule | None = None,
 ) -> FederatedAlgorithm:
     """FedNova for a vanilla-SGD local solver (a_i = ones, ||a_i||_1 = tau_i): d_i = delta_i / tau_i,
     tau_eff = sum_i p_i tau_i, update = tau_eff * sum_i p_i d_i with p the normalised cohort weights.
     With equal tau this is FedAvg. `client_opt` should be plain SGD (momentum/Adam change a_i, not
-    modelled here). Stateless clients; server default optax.sgd(1.0)."""
+    modelled here). Stateless clients; server default optax.sgd(1.0).
+    `client_schedule`: round -> client learning-rate factor (`schedules.lr_factor`; None: 1)."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
     def apply(state, client_states, cohort):
-        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, parallel=parallel)
+        deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, parallel=parallel,
+                                           lr_scale=client_lr_scale(client_schedule, state))
         p = normalized_weights(cohort.weights, cohort.mask)
         tau = jnp.maximum(taus, 1).astype(jnp.float32)
         normalised = jax.tree.map(lambda d: d / tau.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype), deltas)
@@ -34,4 +37,5 @@ def fednova(
     return FederatedAlgorithm(stateless_init(server_opt), apply)
 
 
-register(AlgorithmSpec("fednova", "FedNova", lambda f, loss, c_opt, s_opt, par: fednova(loss, c_opt, s_opt, par)))
+register(AlgorithmSpec("fednova", "FedNova", lambda f, loss, c_opt, s_opt, par, sched=None:
+                       fednova(loss, c_opt, s_opt, par, sched)))

@@ -7,7 +7,8 @@ import optax
 
 from ..aggregate import aggregate
 from ..client import LossFn
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_step, stateless_init
+from ..schedules import Schedule
+from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_step, stateless_init
 from .registry import AlgorithmSpec, register
 
 
@@ -27,19 +28,22 @@ def fedprox(
     mu: float,
     server_opt: optax.GradientTransformation | None = None,
     parallel: int | None = None,
+    client_schedule: Schedule | None = None,
 ) -> FederatedAlgorithm:
     """FedProx with proximal strength `mu` (mu=0 is FedAvg). The reported train_loss excludes the
-    proximal term. Stateless clients; server default optax.sgd(1.0)."""
+    proximal term. Stateless clients; server default optax.sgd(1.0).
+    `client_schedule`: round -> client learning-rate factor (`schedules.lr_factor`; None: 1)."""
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
 
     def apply(state, client_states, cohort):
         penalty = proximal_term(state.params, mu)
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, penalty=penalty,
-                                           parallel=parallel)
+                                           parallel=parallel, lr_scale=client_lr_scale(client_schedule, state))
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
         return state, client_states, round_metrics(losses, taus, cohort)
 
     return FederatedAlgorithm(stateless_init(server_opt), apply)
 
 
-register(AlgorithmSpec("fedprox", "FedProx", lambda f, loss, c_opt, s_opt, par: fedprox(loss, c_opt, f.mu, s_opt, par)))
+register(AlgorithmSpec("fedprox", "FedProx", lambda f, loss, c_opt, s_opt, par, sched=None:
+                       fedprox(loss, c_opt, f.mu, s_opt, par, sched)))

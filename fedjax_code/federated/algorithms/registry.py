@@ -17,11 +17,13 @@ import optax
 from fedjax_code.errors import UserError
 
 from ..client import LossFn, client_optimizer
+from ..schedules import Schedule, lr_factor, server_learning_rate
 from .base import FederatedAlgorithm, server_optimizer
 
-# (federated config, loss_fn, client optimiser, server optimiser, clients in parallel) -> FederatedAlgorithm
-Builder = Callable[[object, LossFn, optax.GradientTransformation, optax.GradientTransformation, "int | None"],
-                   FederatedAlgorithm]
+# (federated config, loss_fn, client optimiser, server optimiser, clients in parallel, client schedule: round ->
+# factor of the client lr, see `schedules.lr_factor`) -> FederatedAlgorithm
+Builder = Callable[[object, LossFn, optax.GradientTransformation, optax.GradientTransformation, "int | None",
+                    Schedule], FederatedAlgorithm]
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,14 @@ def algorithm_spec(name: str) -> AlgorithmSpec:
 def build_algorithm(f, loss_fn: LossFn, parallel: int | None = None) -> FederatedAlgorithm:
     """The FederatedAlgorithm that the federated config ``f`` names, with its client and server optimisers.
 
-    ``parallel``: cohort clients trained at once (speed and memory only; see ``base.map_clients``)."""
+    ``parallel``: cohort clients trained at once (speed and memory only; see ``base.map_clients``).
+    The learning rates follow ``f.client_lr_schedule`` and ``f.server_lr_schedule`` across rounds (``schedules``)."""
     spec = algorithm_spec(f.algorithm)
     client_opt = client_optimizer(f.client_optimizer, f.client_lr, clip_norm=f.clip_norm)
-    server_opt = server_optimizer(spec.server_optimizer, f.server_lr, momentum=f.server_momentum)
-    return spec.build(f, loss_fn, client_opt, server_opt, parallel)
+    server_lr = server_learning_rate(f.server_lr_schedule, f.server_lr, f.rounds, f.warmup_rounds, f.final_lr_ratio)
+    server_opt = server_optimizer(spec.server_optimizer, server_lr, momentum=f.server_momentum)
+    client_schedule = lr_factor(f.client_lr_schedule, f.rounds, f.warmup_rounds, f.final_lr_ratio)
+    return spec.build(f, loss_fn, client_opt, server_opt, parallel, client_schedule)
 
 
 def communicated_bytes(algorithm: str, model_bytes: int, selected: int, participants: int) -> tuple[int, int]:

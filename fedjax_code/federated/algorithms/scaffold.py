@@ -7,8 +7,9 @@ import optax
 
 from ..aggregate import aggregate, weighted_sum
 from ..client import LossFn
+from ..schedules import Schedule
 from ..state import gather, init_client_states, scatter
-from .base import FederatedAlgorithm, round_metrics, run_clients, server_init, server_step
+from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_init, server_step
 from .registry import AlgorithmSpec, register
 
 
@@ -18,7 +19,7 @@ def _per_client(v, x):
 
 def scaffold(
     loss_fn: LossFn, client_lr: float, server_opt: optax.GradientTransformation | None = None,
-    parallel: int | None = None, clip_norm: float = 0.0,
+    parallel: int | None = None, clip_norm: float = 0.0, client_schedule: Schedule | None = None,
 ) -> FederatedAlgorithm:
     """SCAFFOLD with control variates, option II.
 
@@ -29,6 +30,8 @@ def scaffold(
     weighted by the cohort weights (pass uniform weights for the paper's plain mean).
     State: c in ServerState.extras; c_i stacked [K, ...] in ClientStates, gathered/scattered for the
     cohort only (masked clients keep their c_i and do not move c).
+    `client_schedule`: round -> factor s_r of `client_lr` (`schedules.lr_factor`; None: 1); the round's
+    local lr, s_r * client_lr, is the lr of the c_i^+ formula.
     """
     server_opt = optax.sgd(1.0) if server_opt is None else server_opt
     client_opt = optax.sgd(client_lr)
@@ -43,9 +46,10 @@ def scaffold(
         c, n = state.extras, jax.tree.leaves(client_states)[0].shape[0]
         c_i = gather(client_states, cohort.ids)
         corr = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
+        scale = client_lr_scale(client_schedule, state)
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr,
-                                           parallel=parallel)
-        inv = 1.0 / (jnp.maximum(taus, 1).astype(jnp.float32) * client_lr)
+                                           parallel=parallel, lr_scale=scale)
+        inv = 1.0 / (jnp.maximum(taus, 1).astype(jnp.float32) * (client_lr * scale))
         c_new = jax.tree.map(lambda ci, cg, d: ci - cg[None] - d * _per_client(inv, d), c_i, c, deltas)
         dc = jax.tree.map(jnp.subtract, c_new, c_i)
         c_sum = weighted_sum(dc, jnp.full(cohort.mask.shape, 1.0 / n), cohort.mask)
@@ -58,5 +62,6 @@ def scaffold(
 
 
 register(AlgorithmSpec(
-    "scaffold", "SCAFFOLD", lambda f, loss, c_opt, s_opt, par: scaffold(loss, f.client_lr, s_opt, par, f.clip_norm),
+    "scaffold", "SCAFFOLD",
+    lambda f, loss, c_opt, s_opt, par, sched=None: scaffold(loss, f.client_lr, s_opt, par, f.clip_norm, sched),
     messages=2, sgd_client_only=True))
