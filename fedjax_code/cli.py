@@ -25,7 +25,7 @@ def _data_prepare(args) -> None:
         source=args.source, split=args.split, text_column=args.text_column, group_column=args.group_column,
         unit=args.unit, max_bytes=args.max_bytes, min_file_bytes=args.min_file_bytes,
         max_file_bytes=args.max_file_bytes, decontaminate=not args.no_decontaminate,
-        decontam_ngram=args.decontam_ngram, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+        decontam_ngram=args.decontam_ngram, vocab_size=args.vocab_size, tokenizer=args.tokenizer, topics=args.topics,
     )
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         raise UserError(f"tokenizer directory {cfg.tokenizer} does not exist")
@@ -36,20 +36,18 @@ def _data_prepare(args) -> None:
 
 
 def _data_partition(args) -> None:
-    from fedjax_code.data.partition import partition, write_partition
-    from fedjax_code.data.prepare import load_prepared
+    from fedjax_code.data.partition import partition_prepared, write_partition
 
     cfg = PartitionConfig(
         scheme=args.scheme, clients=args.clients, alpha=args.alpha, groups_per_client=args.groups_per_client,
         min_client_examples=args.min_client_examples,
     )
-    dataset = load_prepared(args.data)[0]
-    doc = partition(dataset["group"], dataset["n_tokens"], cfg, args.seed)
+    doc = partition_prepared(args.data, cfg, args.seed)
     write_partition(doc, args.out)
     sizes = sorted(c["n_examples"] for c in doc["clients"])
+    keys = ("heterogeneity", "heterogeneity_floor", "label_distance", "group_distance", "unassigned")
     print(json.dumps({
-        "out": str(args.out), "scheme": doc["scheme"], "clients": doc["num_clients"],
-        "heterogeneity": doc["heterogeneity"], "unassigned": doc["unassigned"],
+        "out": str(args.out), "scheme": doc["scheme"], "clients": doc["num_clients"], **{k: doc[k] for k in keys},
         "examples_min_median_max": [sizes[0], sizes[len(sizes) // 2], sizes[-1]],
     }))
 
@@ -178,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-bytes", type=int, default=data_defaults["max_file_bytes"])
     p.add_argument("--vocab-size", type=int, default=data_defaults["vocab_size"])
     p.add_argument("--tokenizer", default=None, help="use this HF tokenizer directory instead of training one")
+    p.add_argument("--topics", type=int, default=data_defaults["topics"],
+                   help="topic classes (k-means on token statistics) that iid, dirichlet and pathological split by")
     p.add_argument("--no-decontaminate", action="store_true", help="keep records that overlap HumanEval")
     p.add_argument("--decontam-ngram", type=int, default=data_defaults["decontam_ngram"],
                    help="code-token n-gram length for decontamination")
@@ -185,13 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_data_prepare)
 
-    p = data_commands.add_parser("partition", help="assign examples to clients and describe the split")
+    p = data_commands.add_parser("partition", help="assign examples to clients; measure the skew (heterogeneity "
+                                 "vs its random-split floor, label_distance over topics)")
     p.add_argument("--data", type=Path, required=True, help="a prepared data directory")
-    p.add_argument("--scheme", default=part_defaults["scheme"], help="iid | dirichlet | pathological | natural | size")
+    p.add_argument("--scheme", default=part_defaults["scheme"],
+                   help="iid | dirichlet (label skew over topics) | pathological (k topics per client) | "
+                   "natural (one client per group) | size (quantity skew)")
     p.add_argument("--clients", type=int, default=part_defaults["clients"])
     p.add_argument("--alpha", type=float, default=part_defaults["alpha"], help="Dirichlet concentration (dirichlet, size)")
     p.add_argument("--groups-per-client", "-k", type=int, default=part_defaults["groups_per_client"],
-                   help="groups per client (pathological)")
+                   help="topics per client (pathological)")
     p.add_argument("--min-client-examples", type=int, default=part_defaults["min_client_examples"])
     p.add_argument("--seed", type=int, default=_defaults(ExperimentConfig)["seed"])
     p.add_argument("--out", type=Path, required=True, help="partition JSON to write")

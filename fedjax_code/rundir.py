@@ -32,12 +32,16 @@ from fedjax_code.records import from_dict, write_json
 
 @dataclass(frozen=True)
 class DataProvenance:
-    """What a run trained on, by content."""
+    """What a run trained on, by content, and how it is spread (from the partition's JSON)."""
 
     tokens_sha256: str     # the prepared token stream's bytes (also in the data's stats.json)
     partition_sha256: str  # the client of every example
     num_clients: int
     vocab_size: int
+    unigram_entropy: float      # nats, of the pooled training tokens: the loss of a context-free model
+    heterogeneity: float        # mean JS distance of client token unigrams from the pooled ones
+    heterogeneity_floor: float  # the same for random splits of the same sizes
+    label_distance: float       # mean TV distance of client topic mixes from the global mix
 
 
 def state(run_dir: Path) -> str:

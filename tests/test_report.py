@@ -43,7 +43,8 @@ def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eva
               "federated": {"algorithm": axes["algorithm"], "client_lr": 0.5}, "train": {"eval_every": 2}}
     model = {"params_total": params, "flops_per_token": 6 * params, "size_mb": {"fp32": params * 4 / 1e6}}
     data = {"tokens_sha256": "0123456789abcdef", "partition_sha256": "fedcba9876543210", "num_clients": 16,
-            "vocab_size": 4096}
+            "vocab_size": 4096, "unigram_entropy": 6.5, "heterogeneity": 0.3 if axes["partition"] == "iid" else 0.4,
+            "heterogeneity_floor": 0.3, "label_distance": 0.1}
     write_json(cell_dir / "run" / "summary.json", RunSummary(
         rounds=len(metrics), final_train_loss=4.0, eval_loss=eval_losses[-1], client_eval_loss_mean=eval_losses[-1],
         client_eval_loss_worst10=eval_losses[-1] + 0.5, client_eval_loss_std=0.2, tokens_seen=tokens_seen,
@@ -111,8 +112,8 @@ def test_clear_winner_collapses_the_ci(tmp_path):
             passes = {t: (3 if scale == 2.0 else int(i < 2)) for i, t in enumerate(TASKS)}
             cells.append(({"scale": scale, "seed": seed}, {"params": params, "passes": passes}))
     out = write_report(make_sweep(tmp_path, cells))
-    assert "the scaling factor that maximises HumanEval pass@10 is 2 on iid data (95% bootstrap CI 2-2, 100% of " \
-           "resamples)" in out["answer"]
+    assert ("the scaling factor that maximises HumanEval pass@10 is 2 on iid data (heterogeneity 0.300; 95% "
+            "bootstrap CI 2-2, 100% of resamples)") in out["answer"]
     assert out["answer"].startswith("With 25% participation of 16 clients (FedAvg),")
     group = _answer(tmp_path)["groups"][0]
     assert group["metric"] == "pass@10" and group["optimal"] == 2.0 and group["ci"] == [2.0, 2.0]

@@ -2,12 +2,13 @@
 
 A prepared directory holds::
 
-    dataset/       HF Dataset [text, group, path, prompt, completion, n_tokens]
+    dataset/       HF Dataset [text, group, path, prompt, completion, n_tokens, topic]
     tokenizer/     HF fast tokenizer (AutoTokenizer.from_pretrained loads it)
     tokens.bin     every document as [BOS] ids [EOS], concatenated (uint16 if the vocab fits)
     doc_offsets.npy  int64 [N+1]: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]
-    stats.json     counts, tokens_sha256 (the token stream's content hash), throughput, the config and
-                   its cache key (written last)
+    stats.json     counts, tokens_sha256 (the token stream's content hash), the topic classes
+                   (topics, topic_histogram, topic_terms: see :mod:`topics`), unigram_entropy (nats, over
+                   tokens.bin), throughput, the config and its cache key (written last)
 
 It is built in a sibling temp directory and renamed into place, so a crash
 never leaves a half-written directory that looks finished.
@@ -29,7 +30,7 @@ import datasets
 import numpy as np
 
 from fedjax_code.config import DataConfig, config_hash
-from fedjax_code.data import corpus
+from fedjax_code.data import corpus, topics
 from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
 from fedjax_code.errors import UserError
 
@@ -57,7 +58,7 @@ def source_fingerprint(cfg: DataConfig, roots: list[Path] | None = None) -> dict
 def data_key(cfg: DataConfig, roots: list[Path] | None = None) -> str:
     """The cache key of a data configuration: its fields plus the source fingerprint."""
     tok = {"tokenizer_dir": str(Path(cfg.tokenizer).resolve())} if cfg.tokenizer else {}
-    return config_hash(cfg, {**source_fingerprint(cfg, roots), **tok})
+    return config_hash(cfg, {**source_fingerprint(cfg, roots), **tok, "topic_method": topics.METHOD})
 
 
 def tokens_sha256(out: Path) -> str:
@@ -117,6 +118,9 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
     np.save(tmp / "doc_offsets.npy", offsets)
     columns = {k: [r[k] for r in records] for k in ("text", "group", "path", "prompt", "completion")}
     columns["n_tokens"] = np.diff(offsets).tolist()
+    doc_counts = topics.doc_token_counts(flat, offsets, len(tokenizer))
+    labels = topics.assign_topics(doc_counts, cfg.topics)
+    columns["topic"] = labels.tolist()
     datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / "dataset"))
     seconds = time.perf_counter() - start
     total_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -128,6 +132,10 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
         "tokens": int(offsets[-1]),
         "tokens_sha256": tokens_sha256(tmp),
         "groups": len(set(columns["group"])),
+        "topics": int(labels.max()) + 1,
+        "topic_histogram": np.bincount(labels).tolist(),
+        "topic_terms": topics.topic_terms(doc_counts, labels, tokenizer),
+        "unigram_entropy": round(topics.unigram_entropy(np.asarray(doc_counts.sum(0)).ravel()), 6),
         "vocab_size": len(tokenizer),
         "token_dtype": str(flat.dtype),
         "duplicates_removed": counts["duplicates_removed"],

@@ -60,7 +60,8 @@ def answer_group(cells, resamples: int) -> dict:
     if reason:
         result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
     return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else metric,
-            "pass_metric": metric, "nll_because": reason, **result}
+            "pass_metric": metric, "nll_because": reason,
+            "heterogeneity": float(np.mean([r["heterogeneity"] for r in rows])), **result}
 
 
 def _join(parts: list[str]) -> str:
@@ -68,11 +69,12 @@ def _join(parts: list[str]) -> str:
 
 
 def _clause(g: dict, first: bool) -> str:
+    data = f"{g['partition']} data (heterogeneity {g['heterogeneity']:.3f}"
     if len(g["values"]) == 1:
-        return f"{g['optimal']:g} on {g['partition']} data (the only scale that has finished)"
+        return f"{g['optimal']:g} on {data}; the only scale that has finished)"
     ci, agree = f"{g['ci'][0]:g}-{g['ci'][1]:g}", f"{g['agreement']:.0%}"
     detail = f"95% bootstrap CI {ci}, {agree} of resamples" if first else f"CI {ci}, {agree}"
-    return f"{g['optimal']:g} on {g['partition']} data ({detail})"
+    return f"{g['optimal']:g} on {data}; {detail})"
 
 
 def sentences(groups: list[dict]) -> list[str]:

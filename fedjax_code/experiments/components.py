@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_code.config import ExperimentConfig, FederatedConfig, config_hash
-from fedjax_code.data.partition import partition, partition_hash, read_partition, write_partition
+from fedjax_code.data.partition import partition_hash, partition_prepared, read_partition, write_partition
 from fedjax_code.data.prepare import load_prepared, prepare, read_stats, tokens_sha256
 from fedjax_code.data.shards import ClientShards, build_shards
 from fedjax_code.rundir import DataProvenance
@@ -29,8 +29,7 @@ def client_data(cfg: ExperimentConfig, progress: bool = True) -> ClientData:
     key = config_hash(cfg.partition, {"seed": cfg.seed})
     part_path = data_dir / "partitions" / f"{key}.json"
     if not part_path.is_file():
-        dataset = load_prepared(data_dir)[0]
-        write_partition(partition(dataset["group"], dataset["n_tokens"], cfg.partition, cfg.seed), part_path)
+        write_partition(partition_prepared(data_dir, cfg.partition, cfg.seed), part_path)
     doc = read_partition(part_path)
     shard_dir = data_dir / "shards" / key
     if not (shard_dir / "tokens.bin").is_file():
@@ -38,7 +37,8 @@ def client_data(cfg: ExperimentConfig, progress: bool = True) -> ClientData:
         build_shards(tokens, offsets, np.asarray(doc["example_client"]), shard_dir, cfg.partition.heldout_frac)
     examples = np.array([c["n_examples"] for c in doc["clients"]], np.float32)
     provenance = DataProvenance(tokens_sha256(data_dir), partition_hash(doc), len(examples),
-                                read_stats(data_dir)["vocab_size"])
+                                read_stats(data_dir)["vocab_size"], doc["unigram_entropy"], doc["heterogeneity"],
+                                doc["heterogeneity_floor"], doc["label_distance"])
     return ClientData(ClientShards.open(shard_dir, seed=cfg.seed), examples, data_dir / "tokenizer", provenance)
 
 

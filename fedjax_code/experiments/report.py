@@ -24,8 +24,10 @@ from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, read_j
 
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png", "lr_tuning.png")
-MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "humaneval_nll", "pass@1", "pass@10",
-              "rounds_to_target")
+MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "unigram_entropy", "heterogeneity",
+              "humaneval_nll", "pass@1", "pass@10", "rounds_to_target")
+DATA_COLUMNS = ("unigram_entropy", "heterogeneity", "heterogeneity_floor", "label_distance", "tokens_sha256",
+                "partition_sha256")  # from the run's rundir.DataProvenance
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
 
 
@@ -69,7 +71,7 @@ def _row(cell_dir: Path, cell: dict, target) -> dict:
                 "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
                 "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.train_tokens_per_s,
                 "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
-                "tokens_sha256": s.data["tokens_sha256"], "partition_sha256": s.data["partition_sha256"]})
+                **{k: s.data[k] for k in DATA_COLUMNS}})
     return row
 
 
@@ -135,12 +137,12 @@ def _groups(done, axes=GROUP_AXES) -> dict[tuple, list]:
     return groups
 
 
-def _mean_by(rows: list[dict], keys, metric: str) -> dict[tuple, float]:
-    """Mean of ``metric`` over the rows sharing ``keys`` (blanks skipped)."""
+def _mean_by(rows: list[dict], keys, metric: str, stat=np.mean) -> dict[tuple, float]:
+    """``stat`` (the mean) of ``metric`` over the rows sharing ``keys`` (blanks skipped)."""
     acc = defaultdict(list)
     for r in filter(lambda r: has_value(r, metric), rows):
         acc[tuple(r[k] for k in keys)].append(float(r[metric]))
-    return {k: float(np.mean(v)) for k, v in acc.items()}
+    return {k: float(stat(v)) for k, v in acc.items()}
 
 
 def _scale_curve(rows: list[dict], metric: str):
@@ -211,49 +213,63 @@ def _fits_section(done, varying, plots: Path) -> tuple[str, str]:
 
 
 def _curves_section(done, varying, plots: Path) -> str:
-    fig, axes = _subplots(2)
+    fig, axes = _subplots(3)
     for i, cells in enumerate(_groups(done).values()):
         for j, (row, cell_dir) in enumerate(cells):
             rounds = round_records(cell_dir)
             mb = np.cumsum([(r.bytes_up + r.bytes_down) / 1e6 for r in rounds])
-            evals = [(r.round, m, r.eval_loss) for r, m in zip(rounds, mb) if r.eval_loss is not None]
-            for ax, x in zip(axes, ([e[0] for e in evals], [e[1] for e in evals])):
-                ax.plot(x, [e[2] for e in evals], ".-", color=f"C{i % 10}", alpha=0.7,
-                        label=_label(row, varying) if j == 0 and ax is axes[0] else None)
-    axes[0].set(xlabel="round", ylabel="held-out eval_loss", title="loss vs round (one line per cell)")
-    axes[1].set(xscale="log", xlabel="communicated MB (up + down, cumulative)", ylabel="held-out eval_loss",
+            evals = [(r.tokens_seen, r.round, m, r.eval_loss) for r, m in zip(rounds, mb) if r.eval_loss is not None]
+            for k, ax in enumerate(axes):
+                ax.plot([e[k] for e in evals], [e[3] for e in evals], ".-", color=f"C{i % 10}", alpha=0.7,
+                        label=_label(row, varying) if j == 0 and k == 0 else None)
+    entropy = float(np.mean([r["unigram_entropy"] for r, _ in done]))
+    axes[0].axhline(entropy, color="grey", ls="--", lw=1, label=f"unigram entropy {entropy:.3g}")
+    axes[0].set(xlabel="training tokens", ylabel="held-out eval_loss", title="loss vs tokens (one line per cell)")
+    axes[1].set(xlabel="round", ylabel="held-out eval_loss", title="loss vs round")
+    axes[2].set(xscale="log", xlabel="communicated MB (up + down, cumulative)", ylabel="held-out eval_loss",
                 title="loss vs communication")
     _save(fig, axes, plots / "curves.png")
     return ("![curves](plots/curves.png)\n\nHeld-out loss at each evaluation round of every cell (coloured by group), "
-            "against rounds (left) and cumulative communicated megabytes (right). Lines falling faster on the right "
-            "learn more per byte sent.\n\n")
+            "against training tokens (left, with the data's unigram entropy dashed: the loss of a model that learned "
+            "only token frequencies, so a curve must fall well below it to have learned context), rounds (middle) "
+            "and cumulative communicated megabytes (right: lines falling faster learn more per byte sent).\n\n")
 
 
 def _gaps(rows: list[dict], metric: str) -> list[dict]:
-    """metric(non-iid) - metric(iid) at matched (scale, participation, algorithm, clients), seed-averaged."""
-    keys = ("scale", "participation", "algorithm", "clients")
-    means = _mean_by(rows, ("partition", *keys), metric)
-    return [{"partition": p, **dict(zip(keys, rest)), "iid": means[("iid", *rest)], "noniid": v,
-             "gap": v - means[("iid", *rest)]}
+    """metric(non-iid) - metric(iid) at matched (scale, participation, algorithm, clients), seed-averaged, with
+    ``spread``: the seed-to-seed standard deviation of that difference (0 with one seed)."""
+    keys = ("partition", "scale", "participation", "algorithm", "clients")
+    means, var = _mean_by(rows, keys, metric), _mean_by(rows, keys, metric, np.var)
+    return [{"partition": p, **dict(zip(keys[1:], rest)), "iid": means[("iid", *rest)], "noniid": v,
+             "gap": v - means[("iid", *rest)], "spread": float(np.sqrt(var[(p, *rest)] + var[("iid", *rest)]))}
             for (p, *rest), v in means.items() if p != "iid" and ("iid", *rest) in means]
 
 
 def _gap_section(rows: list[dict], varying, plots: Path) -> str:
-    fig, axes = _subplots(2)
+    fig, axes = _subplots(3)
     params = _mean_by(rows, ("scale",), "params")
+    heterogeneity = _mean_by(rows, ("partition",), "heterogeneity")
     for ax, metric in zip(axes, ("final_eval_loss", _second_metric(rows))):
         lines = defaultdict(list)
         for g in _gaps(rows, metric):
-            lines[_label(g, varying)].append((params[(g["scale"],)], g["gap"]))
+            lines[_label(g, varying)].append((params[(g["scale"],)], g["gap"], g["spread"]))
         for label, pts in lines.items():
-            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{label} - iid")
+            x, y, err = zip(*sorted(pts))
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{label} - iid")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="parameters", ylabel=f"{metric} gap", title=f"non-IID minus IID {metric}")
+    for scale in sorted({r["scale"] for r in rows}):
+        pts = sorted((heterogeneity[(g["partition"],)], g["gap"]) for g in _gaps(rows, "final_eval_loss")
+                     if g["scale"] == scale)
+        axes[2].plot([heterogeneity.get(("iid",), np.nan)] + [p[0] for p in pts], [0] + [p[1] for p in pts], "o-",
+                     label=f"scale {scale:g}")
+    axes[2].set(xlabel="heterogeneity (token JS distance)", ylabel="held-out loss gap", title="gap vs heterogeneity")
     _save(fig, axes, plots / "noniid_gap.png")
     return ("![non-IID gap](plots/noniid_gap.png)\n\nThe non-IID penalty: each non-IID partition's metric minus the "
-            "IID one at the same scale, participation, algorithm and clients (seed means). A loss or NLL gap above 0, "
-            "or a pass@k gap below 0, means non-IID data hurts; a gap shrinking with parameters means larger models "
-            "absorb the heterogeneity.\n\n")
+            "IID one at the same scale, participation, algorithm and clients (seed means; error bars: the seed-to-seed "
+            "standard deviation of the difference, a gap inside them is noise). A loss or NLL gap above 0, or a pass@k "
+            "gap below 0, means non-IID data hurts; a gap shrinking with parameters means larger models absorb the "
+            "heterogeneity. Right: the loss gap against each partition's measured heterogeneity.\n\n")
 
 
 def _algorithms_section(rows: list[dict]) -> str:
