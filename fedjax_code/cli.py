@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iid | dirichlet (label skew over topics) | pathological (k topics per client) | "
                    "natural (one client per group) | size (quantity skew)")
     p.add_argument("--clients", type=int, default=part_defaults["clients"])
-    p.add_argument("--alpha", type=float, default=part_defaults["alpha"], help="Dirichlet concentration (dirichlet, size)")
+    p.add_argument("--alpha", type=float, default=part_defaults["alpha"],
+                   help="Dirichlet concentration (dirichlet, size)")
     p.add_argument("--groups-per-client", "-k", type=int, default=part_defaults["groups_per_client"],
                    help="topics per client (pathological)")
     p.add_argument("--min-client-examples", type=int, default=part_defaults["min_client_examples"])

@@ -245,7 +245,8 @@ def _coerce(key: str, value, default):
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    kind = "a list of numbers" if isinstance(default, tuple) else "a string" if default is None else type(default).__name__
+    kind = ("a list of numbers" if isinstance(default, tuple) else "a string" if default is None
+            else type(default).__name__)
     _require(ok, f"{key} must be {kind}, not {value!r}")
     return value
 

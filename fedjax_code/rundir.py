@@ -65,7 +65,8 @@ def read_config(run_dir: Path) -> tuple[ExperimentConfig, DataProvenance]:
         doc = json.loads(path.read_text())
         return experiment_from_dict(doc["config"]), from_dict(DataProvenance, doc["data"], str(path))
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is not a fedjax-code run config ({err}); was it written by an older version?") from None
+        raise UserError(f"{path} is not a fedjax-code run config ({err}); "
+                        "was it written by an older version?") from None
 
 
 def check_same_data(run_dir: Path, recorded: DataProvenance, current: DataProvenance) -> None:
@@ -110,7 +111,8 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
     ckpt = Checkpointer(Path(checkpoint).parent if checkpoint else run_dir / "checkpoints")
     round_ = int(Path(checkpoint).name) if checkpoint and Path(checkpoint).name.isdigit() else ckpt.latest_round()
     if round_ is None or round_ not in ckpt.all_rounds():
-        raise UserError(f"no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in ' + str(run_dir / 'checkpoints')}")
+        where = f"at {checkpoint}" if checkpoint else f"in {run_dir / 'checkpoints'}"
+        raise UserError(f"no checkpoint {where}")
     model = model_config(cfg, data.vocab_size)
     algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, model, b))
     server, clients = algorithm.init(init_params(model, jax.random.PRNGKey(cfg.seed)), data.num_clients)

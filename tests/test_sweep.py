@@ -48,7 +48,7 @@ def test_budgets():
     cfgs = [sweep.cell_config(tokens, c["axes"], 4096) for c in sweep.cells(tokens)]
     assert len({c.federated.rounds for c in cfgs}) == 1  # equal tokens: the same rounds at every scale
     f = cfgs[0].federated
-    assert f.rounds == round(400_000 / (4 * f.local_steps * f.batch_size * f.seq_len))
+    assert f.rounds == round(tokens["budget"]["value"] / (4 * f.local_steps * f.batch_size * f.seq_len))
 
 
 def test_per_algorithm_keys_and_partition_labels():

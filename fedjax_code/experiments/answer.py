@@ -84,7 +84,8 @@ def sentences(groups: list[dict]) -> list[str]:
         by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
     out = []
     for (pp, alg, k, reason), gs in by.items():
-        prefix = f"With {pp * 100:g}% participation of {k} clients ({REGISTRY[alg].display if alg in REGISTRY else alg})"
+        name = REGISTRY[alg].display if alg in REGISTRY else alg
+        prefix = f"With {pp * 100:g}% participation of {k} clients ({name})"
         clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
         if reason is None:
             out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")
