@@ -58,7 +58,7 @@ from scipy.spatial.distance import jensenshannon
 
 from fedjax_code.config import PartitionConfig
 from fedjax_code.data.prepare import load_prepared, read_stats
-from fedjax_code.data.shards import _split_point
+from fedjax_code.data.shards import split_point
 from fedjax_code.data.topics import unigram_entropy
 from fedjax_code.errors import UserError
 from fedjax_code.records import write_atomic
@@ -209,7 +209,7 @@ def client_unigrams(tokens: np.ndarray, offsets: np.ndarray, client: np.ndarray,
     order = order[client[order] >= 0]
     owner, lengths = client[order], np.diff(offsets)[order]
     per_doc = np.split(lengths, np.searchsorted(owner, np.arange(1, k)))
-    train = np.array([_split_point(d, heldout_frac) for d in per_doc])  # train tokens of each client
+    train = np.array([split_point(d, heldout_frac) for d in per_doc])  # train tokens of each client
     per_client = np.bincount(owner, weights=lengths, minlength=k).astype(np.int64)
     pos = np.cumsum(lengths) - lengths - (np.cumsum(per_client) - per_client)[owner]  # doc start in its client's stream
     take = np.clip(train[owner] - pos, 0, lengths)  # tokens of each document in the train split

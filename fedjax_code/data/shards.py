@@ -27,7 +27,7 @@ import numpy as np
 from fedjax_code.errors import UserError
 
 
-def _split_point(doc_lengths: np.ndarray, heldout_frac: float) -> int:
+def split_point(doc_lengths: np.ndarray, heldout_frac: float) -> int:
     """Tokens of the client's stream that go to train (at a document boundary when possible)."""
     total = int(doc_lengths.sum())
     target = (1.0 - heldout_frac) * total
@@ -57,7 +57,7 @@ def build_shards(tokens: np.ndarray, doc_offsets: np.ndarray, example_client: np
         for d in docs:
             flat[pos : pos + lengths[d]] = tokens[doc_offsets[d] : doc_offsets[d + 1]]
             pos += lengths[d]
-        bounds[c, 1] = bounds[c, 0] + _split_point(lengths[docs], heldout_frac)
+        bounds[c, 1] = bounds[c, 0] + split_point(lengths[docs], heldout_frac)
         bounds[c, 2] = pos
     flat.flush()
     del flat
