@@ -36,20 +36,10 @@ import numpy as np  # noqa: E402
 
 from fedjax_code.models import get_preset, init_params, model_info, scale  # noqa: E402
 from fedjax_code.models.decode import generate_with_stats  # noqa: E402
+from round_throughput import cpu_seconds  # noqa: E402  (this directory: the same background-load measure)
 
 VOCAB, N_PROMPTS, PROMPT_LENS = 4096, 16, (60, 150)
 TEMPERATURE, TOP_P = 0.8, 0.95
-
-
-def cpu_seconds():
-    """(seconds busy on all cores from /proc/stat or None, seconds of CPU used by this process)."""
-    own = sum(os.times()[:2])
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), own  # minus idle, iowait
-    except (OSError, ValueError):
-        return None, own
 
 
 def prompts(seed=0):
