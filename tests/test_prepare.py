@@ -87,3 +87,9 @@ def test_existing_tokenizer_and_force_rebuild(prepared, tmp_path):
     out = prepare(DataConfig(max_bytes=200_000, vocab_size=512), out, force=True, progress=False)
     assert read_stats(out)["key"] != first and read_stats(out)["vocab_size"] == 512
     assert not list(tmp_path.glob(".d.partial-*"))  # the temp build dir is gone
+
+
+def test_unloadable_tokenizer_is_one_sentence(tmp_path):
+    from fedjax_code.data.tokenizer import load_tokenizer
+    with pytest.raises(UserError, match="cannot load the tokenizer .*no-such-tokenizer"):
+        load_tokenizer(tmp_path / "no-such-tokenizer")

@@ -14,6 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fedjax_code.errors import UserError
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIALS = [PAD, BOS, EOS]
 
@@ -37,9 +39,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192):
 
 
 def load_tokenizer(path: str | Path):
-    """Load an HF tokenizer directory (ours or any other) with ``AutoTokenizer``."""
-
-    return AutoTokenizer.from_pretrained(str(path), clean_up_tokenization_spaces=False)
+    """Load an HF tokenizer (a directory, ours or any other, or a hub id) with ``AutoTokenizer``."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path), clean_up_tokenization_spaces=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer {str(path)!r}: it is not a tokenizer directory and the hub "
+                        f"has no such id or cannot be reached ({str(err).splitlines()[0]})") from None
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
