@@ -241,3 +241,19 @@ def test_full_grid_plots_gap_and_algorithms(tmp_path):
     assert out["answer"].count("dirichlet-0.5 data") == 2
     fitted = [g for g in json.loads((tmp_path / "answer.json").read_text())["groups"]]
     assert len(fitted) == 4 and all(g["optimal"] == 4.0 for g in fitted)
+
+
+def test_noniid_gap_against_seed_spread():
+    from fedjax_code.experiments.answer import gap_sentence, noniid_gaps
+    axes = {"scale": 1.0, "participation": 0.25, "algorithm": "fedavg", "clients": 16}
+    rows = [{**axes, "partition": p, "seed": s, "humaneval_nll": v}
+            for p, s, v in [("iid", 0, 5.0), ("iid", 1, 5.2), ("dirichlet-0.1", 0, 5.5), ("dirichlet-0.1", 1, 5.5),
+                            ("dirichlet-0.5", 0, 5.15), ("dirichlet-0.5", 1, 5.05)]]
+    gaps = {g["partition"]: g for g in noniid_gaps(rows, "humaneval_nll")}
+    assert gaps["dirichlet-0.1"]["gap"] == pytest.approx(0.4)
+    assert gaps["dirichlet-0.1"]["spread"] == pytest.approx(np.sqrt(0.02))  # var_iid (ddof 1) + 0
+    assert gaps["dirichlet-0.1"]["real"] and not gaps["dirichlet-0.5"]["real"]  # 0.0 gap inside 0.2 spread
+    assert "dirichlet-0.1 +0.400 nats (seed spread 0.141: beyond" in gap_sentence(rows)
+    one_seed = noniid_gaps([r for r in rows if r["seed"] == 0], "humaneval_nll")
+    assert all(g["spread"] is None and g["real"] is None for g in one_seed)
+    assert "one seed" in gap_sentence([r for r in rows if r["seed"] == 0])

@@ -64,6 +64,42 @@ def answer_group(cells, resamples: int) -> dict:
             "heterogeneity": float(np.mean([r["heterogeneity"] for r in rows])), **result}
 
 
+def noniid_gaps(rows: list[dict], metric: str) -> list[dict]:
+    """metric(non-iid) - metric(iid) at matched (scale, participation, algorithm, clients), seed means, with
+    ``spread``: the seed-to-seed standard deviation of that difference, sqrt(var_iid + var_noniid) with ddof=1
+    (None with one seed each), and ``real``: |gap| > spread (None when the spread is unknown)."""
+    keys = ("partition", "scale", "participation", "algorithm", "clients")
+    values = defaultdict(list)
+    for r in filter(lambda r: has_value(r, metric), rows):
+        values[tuple(r[k] for k in keys)].append(float(r[metric]))
+    out = []
+    for (p, *rest), v in values.items():
+        iid = values.get(("iid", *rest))
+        if p == "iid" or iid is None:
+            continue
+        gap = float(np.mean(v) - np.mean(iid))
+        spread = float(np.sqrt(np.var(v, ddof=1) + np.var(iid, ddof=1))) if min(len(v), len(iid)) > 1 else None
+        out.append({"partition": p, **dict(zip(keys[1:], rest)), "iid": float(np.mean(iid)),
+                    "noniid": float(np.mean(v)), "gap": gap, "spread": spread, "seeds": min(len(v), len(iid)),
+                    "real": None if spread is None else abs(gap) > spread})
+    return out
+
+
+def gap_sentence(rows: list[dict]) -> str:
+    """The non-IID penalty in HumanEval NLL (the one evaluation set every partition shares) at the largest scale."""
+    gaps = noniid_gaps(rows, "humaneval_nll")
+    if not gaps:
+        return ""
+    top = max(g["scale"] for g in gaps)
+    parts = []
+    for g in sorted((g for g in gaps if g["scale"] == top), key=lambda g: g["partition"]):
+        verdict = ("one seed, so its spread is unknown" if g["real"] is None else
+                   f"seed spread {g['spread']:.3f}: {'beyond' if g['real'] else 'within'} the spread")
+        parts.append(f"{g['partition']} {g['gap']:+.3f} nats ({verdict})")
+    return (f"At scale {top:g}, non-IID minus IID HumanEval NLL (the one evaluation set all partitions share) is "
+            f"{_join(parts)}.")
+
+
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
