@@ -79,11 +79,15 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``[model]``: a base preset (see ``fedjax-code model info``) scaled by ``scale``."""
+    """``[model]``: a base preset (see ``fedjax-code model info``) scaled by ``scale``.
+
+    ``tie_embeddings``: share the input embedding with the output head (None: the preset's choice).
+    """
 
     base: str = "cpu-1"
     scale: float = 1.0
     dtype: str = "float32"
+    tie_embeddings: bool | None = None
 
     def __post_init__(self):
         _require(self.scale > 0, f"model.scale must be positive, not {self.scale}")
@@ -232,31 +236,34 @@ class ExperimentConfig:
 _SECTIONS = {"model": ModelSection, "federated": FederatedConfig, "train": TrainConfig}
 
 
-def _coerce(key: str, value, default):
-    """Check a TOML value against the field's default type (ints are accepted for floats)."""
+def _coerce(key: str, value, default, annotation: str = ""):
+    """Check a TOML value against the field's default type (ints are accepted for floats); an optional field
+    (default None) takes a string, or a boolean when annotated ``bool | None``."""
     if isinstance(default, tuple):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                        for v in value)
         value = tuple(value) if ok else value
     elif isinstance(default, bool) or default is None:
-        ok = isinstance(value, bool) if isinstance(default, bool) else isinstance(value, (str, type(None)))
+        allowed = bool if isinstance(default, bool) else (bool, type(None)) if str(annotation).startswith("bool") \
+            else (str, type(None))
+        ok = isinstance(value, allowed)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    kind = ("a list of numbers" if isinstance(default, tuple) else "a string" if default is None
-            else type(default).__name__)
+    kind = ("a list of numbers" if isinstance(default, tuple) else "a boolean" if str(annotation).startswith("bool")
+            else "a string" if default is None else type(default).__name__)
     _require(ok, f"{key} must be {kind}, not {value!r}")
     return value
 
 
 def build_section(cls, section: str, values: dict):
     """``cls`` from a TOML section's values: unknown keys and ill-typed values are refused with one sentence."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     _require(not unknown, f"unknown key {section}.{unknown[0] if unknown else ''} (known: {', '.join(sorted(fields))})")
-    return cls(**{k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()})
+    return cls(**{k: _coerce(f"{section}.{k}", v, fields[k].default, fields[k].type) for k, v in values.items()})
 
 
 def experiment_from_dict(d: dict) -> ExperimentConfig:

@@ -85,13 +85,15 @@ def save_tokenizer(run_dir: Path, tokenizer_dir: Path) -> None:
 
 
 def model_config(cfg: ExperimentConfig, vocab_size: int):
-    """The base preset scaled by ``model.scale``, with the tokenizer's vocabulary and the run's dtype."""
+    """The base preset scaled by ``model.scale``, with the tokenizer's vocabulary, the run's dtype and, when
+    set, its ``model.tie_embeddings``."""
     try:
         base = get_preset(cfg.model.base)
     except ValueError as err:
         raise UserError(str(err)) from None
     scaled = scale(base, cfg.model.scale)
-    return dataclasses.replace(scaled, vocab_size=vocab_size, dtype=cfg.model.dtype,
+    tie = scaled.tie_embeddings if cfg.model.tie_embeddings is None else cfg.model.tie_embeddings
+    return dataclasses.replace(scaled, vocab_size=vocab_size, dtype=cfg.model.dtype, tie_embeddings=tie,
                                max_len=max(scaled.max_len, cfg.federated.seq_len))
 
 

@@ -40,6 +40,7 @@ def test_required_keys_exist():
     (["optimizer.lr=1"], "unknown section or key"),
     (["rounds"], "must look like section.key=value"),
     (["model.scale=0"], "model.scale must be positive"),
+    (["model.tie_embeddings=1"], "model.tie_embeddings must be a boolean"),
     (["federated.client_lr_schedule=linear"], "federated.client_lr_schedule must be one of constant, cosine"),
     (["federated.server_lr_schedule=1"], "federated.server_lr_schedule must be str"),
     (["federated.warmup_rounds=-1"], "warmup_rounds must be >= 0"),
@@ -80,3 +81,12 @@ def test_model_info_cli():
     assert big["params_total"] > small["params_total"] and big["d_model"] == 4 * small["d_model"]
     bad = run("--preset", "cpu-9")
     assert bad.returncode == 2 and "unknown model preset" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tie_embeddings_overrides_the_preset():
+    from fedjax_code.models import param_count
+    from fedjax_code.rundir import model_config
+    tied = model_config(load_experiment(None, ["model.scale=0.5"]), vocab_size=512)
+    untied = model_config(load_experiment(None, ["model.scale=0.5", "model.tie_embeddings=false"]), vocab_size=512)
+    assert tied.tie_embeddings and not untied.tie_embeddings  # cpu-1 ties by default
+    assert param_count(untied)["params_total"] - param_count(tied)["params_total"] == 512 * tied.d_model  # the head's own matrix
