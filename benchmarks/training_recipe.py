@@ -1,9 +1,11 @@
 """What makes the demo's federated training progress per token: one change at a time, then the best together.
 
-Every variant trains the cpu-demo setting (fedjax_code/experiments/presets/cpu-demo.toml: 5 MB of the default
-corpus, a 4,096-token BPE, the cpu-1 model at scale 1, FedAvg over 25% of 16 IID clients, E=4 local AdamW steps
-of 4 x 128 tokens at client lr 0.003) with ``experiments.run.train`` into a temporary run directory, on the same
-token budget: rounds = tokens / (cohort C * E * B * T), so E=8 trains half the rounds of E=4.
+Every variant trains one base setting with ``experiments.run.train`` into a temporary run directory, on the same
+token budget: rounds = tokens / (cohort C * E * B * T), so E=8 trains half the rounds of E=4. Bases (--base):
+  e16-20mb (default)  today's recipe: 20 MB of the default corpus, a 4,096-token BPE, the cpu-1 model at scale 0.5
+                      (tied head), FedAvg over 25% of 16 IID clients, E=16 local AdamW steps of 4 x 128 tokens at
+                      client lr 0.003, cosine schedule with 10% warm-up
+  e4-5mb              the first recipe: 5 MB, scale 1, E=4, constant client lr 0.003 (the README's first table)
 
 Variants (each ONE change from the baseline; warm-up is 10% of the variant's rounds):
   baseline            the demo's setting, constant learning rates
@@ -13,6 +15,9 @@ Variants (each ONE change from the baseline; warm-up is 10% of the variant's rou
   local-steps-8/16    E = 8 or 16 (fewer rounds)
   fedavgm             server momentum 0.9 at server lr 1 (Hsu et al. 2019)
   fedadam-0.01/0.001  FedAdam server at lr 0.01 or 0.001 (Reddi et al. 2021)
+  lr0.006             client lr 0.006
+  untied-head         model.tie_embeddings = false: an output head of its own
+  untied-lr0.006/0.01 the untied head at client lr 0.006 or 0.01
   best                per group (client lr/schedule, local steps, server), the variant that beat the baseline
                       most, all applied together (the baseline itself if none did)
 
@@ -29,9 +34,10 @@ Metrics (one JSON object per variant on stdout, flushed as it goes; comments go 
 glibc malloc is tuned as the CLI tunes it (fedjax_code/malloc.py; --no-malloc-tuning to skip).
 stdout holds one JSON object per line, then the table (lines not starting with "{").
 
-    .venv/bin/python benchmarks/training_recipe.py                  # 800k tokens a variant, ~10-20 min on 2 cores
+    .venv/bin/python benchmarks/training_recipe.py                  # 600k tokens a variant, ~40 s each on 2 cores
     .venv/bin/python benchmarks/training_recipe.py --quick          # smoke check on a tiny corpus and model, < 60 s
-    .venv/bin/python benchmarks/training_recipe.py --variants baseline,client-cosine --tokens 400000
+    .venv/bin/python benchmarks/training_recipe.py --variants lr0.006,untied-head,untied-lr0.006 --seed 1
+    .venv/bin/python benchmarks/training_recipe.py --base e4-5mb --tokens 800000   # the README's first table
 """
 
 import sys
@@ -54,14 +60,17 @@ from fedjax_code.experiments import components  # noqa: E402
 from fedjax_code.experiments.run import train  # noqa: E402
 from fedjax_code.federated import cohort_size  # noqa: E402
 
-DEMO = {"data.max_bytes": 5_000_000, "data.vocab_size": 4096, "data.scheme": "iid", "data.clients": 16,
-        "model.base": "cpu-1", "model.scale": 1.0, "federated.participation": 0.25, "federated.local_steps": 4,
-        "federated.batch_size": 4, "federated.seq_len": 128, "federated.client_optimizer": "adamw",
-        "federated.client_lr": 0.003, "train.eval_windows": 4}
-QUICK = {**DEMO, "data.max_bytes": 300_000, "data.max_file_bytes": 8000, "data.vocab_size": 512,
+E4_5MB = {"data.max_bytes": 5_000_000, "data.vocab_size": 4096, "data.scheme": "iid", "data.clients": 16,
+          "model.base": "cpu-1", "model.scale": 1.0, "federated.participation": 0.25, "federated.local_steps": 4,
+          "federated.batch_size": 4, "federated.seq_len": 128, "federated.client_optimizer": "adamw",
+          "federated.client_lr": 0.003, "train.eval_windows": 4}
+COSINE = {"federated.client_lr_schedule": "cosine", "warmup_frac": 0.1}
+E16_20MB = {**E4_5MB, **COSINE, "data.max_bytes": 20_000_000, "model.scale": 0.5, "federated.local_steps": 16,
+            "train.eval_windows": 8}
+BASES = {"e16-20mb": E16_20MB, "e4-5mb": E4_5MB}
+QUICK = {**E4_5MB, "data.max_bytes": 300_000, "data.max_file_bytes": 8000, "data.vocab_size": 512,
          "model.base": "cpu-0.25", "model.scale": 0.5, "federated.batch_size": 2, "federated.seq_len": 32,
          "federated.local_steps": 2, "train.eval_windows": 2}
-COSINE = {"federated.client_lr_schedule": "cosine", "warmup_frac": 0.1}
 # name -> (group, overrides); "warmup_frac" becomes federated.warmup_rounds for the variant's rounds.
 VARIANTS = {
     "baseline": (None, {}),
@@ -74,6 +83,10 @@ VARIANTS = {
                            "federated.server_momentum": 0.9}),
     "fedadam-0.01": ("server", {"federated.algorithm": "fedadam", "federated.server_lr": 0.01}),
     "fedadam-0.001": ("server", {"federated.algorithm": "fedadam", "federated.server_lr": 0.001}),
+    "lr0.006": ("client", {"federated.client_lr": 0.006}),
+    "untied-head": ("model", {"model.tie_embeddings": False}),
+    "untied-lr0.006": ("model", {"model.tie_embeddings": False, "federated.client_lr": 0.006}),
+    "untied-lr0.01": ("model", {"model.tie_embeddings": False, "federated.client_lr": 0.01}),
 }
 
 
@@ -134,7 +147,8 @@ def best_change(rows: list[dict]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=800_000, help="training tokens per variant (the same for all)")
+    p.add_argument("--base", choices=BASES, default="e16-20mb", help="the setting every variant changes (see above)")
+    p.add_argument("--tokens", type=int, default=600_000, help="training tokens per variant (the same for all)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated variants (baseline is always run; 'best' follows when any other is)")
     p.add_argument("--seed", type=int, default=0, help="the runs' seed (init, sampling, partition)")
@@ -143,7 +157,7 @@ def main():
                    help="smoke check: 0.3 MB corpus, cpu-0.25 at 0.5, 2 rounds; baseline, client-cosine, fedadam-0.01")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
     args = p.parse_args()
-    base = {**(QUICK if args.quick else DEMO), "seed": args.seed}
+    base = {**(QUICK if args.quick else BASES[args.base]), "seed": args.seed}
     names = ["baseline", "client-cosine", "fedadam-0.01"] if args.quick else args.variants.split(",")
     tokens = 2 * 4 * 2 * 2 * 32 if args.quick else args.tokens
     unknown = sorted(set(names) - set(VARIANTS))
