@@ -33,8 +33,11 @@ def test_the_issue_presets_exist():
     assert {"cpu-demo", "clients-vs-size", "algorithms"} <= set(sweep.presets())
     assert any(name.startswith("gpu-") for name in sweep.presets())
     demo = sweep.load_spec("cpu-demo")
-    assert len(demo["grid"]["scale"]) >= 3 and "iid" in demo["grid"]["partition"]
+    assert len(demo["grid"]["scale"]) >= 2 and "iid" in demo["grid"]["partition"]  # 2 scales x 2 seeds fit ~10 min
     assert any(p.startswith("dirichlet-") for p in demo["grid"]["partition"]) and demo["tune"]["client_lr"]
+    assert len(demo["grid"]["seed"]) >= 2  # a gap is told from seed noise
+    scaling = sweep.load_spec("cpu-scaling")["grid"]  # the ladder: 4+ scales, IID vs two non-IID levels, 2 seeds
+    assert len(scaling["scale"]) >= 4 and len(scaling["partition"]) >= 3 and len(scaling["seed"]) >= 2
     assert sweep.load_spec("clients-vs-size")["grid"]["clients"] == [4, 16, 64]
 
 
