@@ -1,8 +1,9 @@
 """A Llama-style decoder-only LM in flax.linen (Touvron et al. 2023).
 
 Pre-norm RMSNorm blocks with causal self-attention using rotary position embeddings (Su et al. 2021),
-optional grouped-query attention (Ainslie et al. 2023) and a SwiGLU MLP (Shazeer 2020); no biases.
-Parameter names follow HF Llama/Qwen2 (``embed_tokens``, ``layers_{i}/self_attn/q_proj``, ...) so
+optional grouped-query attention (Ainslie et al. 2023) and a SwiGLU MLP (Shazeer 2020); no biases. For
+pretrained checkpoints (``hf.py``) the config can add q/k/v biases (Qwen2) and per-head q/k RMSNorm (Qwen3).
+Parameter names follow HF Llama/Qwen2/Qwen3 (``embed_tokens``, ``layers_{i}/self_attn/q_proj``, ...) so
 checkpoints map onto it; Dense kernels are stored [in, out], i.e. transposed relative to torch.
 
 ``init``/``apply`` are pure: params are a plain dict of float32 arrays that can be stacked on a leading
@@ -94,10 +95,11 @@ def _tied_logits_bwd(residuals, g):
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
-def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD) -> nn.Dense:
-    """A bias-free Dense with float32 params; ``name`` is left out inside ``setup`` (attribute names)."""
+def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD, bias: bool = False) -> nn.Dense:
+    """A Dense (bias-free unless ``bias``; zero-initialised bias) with float32 params; ``name`` is left out
+    inside ``setup`` (attribute names)."""
     kw = {} if name is None else {"name": name}
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=PARAM_DTYPE,
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=PARAM_DTYPE,
                     kernel_init=nn.initializers.normal(std), **kw)
 
 
@@ -121,16 +123,23 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head / grouped-query self-attention with RoPE."""
+    """Causal multi-head / grouped-query self-attention with RoPE.
+
+    Options (``ModelConfig``): q/k/v biases (``attention_bias``, Qwen2) and RMSNorm of each q and k head over
+    head_dim before RoPE (``qk_norm``, Qwen3; params ``q_norm``/``k_norm`` of shape [head_dim]).
+    """
 
     config: ModelConfig
 
     def setup(self):
         c, dt = self.config, compute_dtype(self.config)
-        self.q_proj = _dense(c.n_heads * c.head_dim, dt)
-        self.k_proj = _dense(c.n_kv_heads * c.head_dim, dt)
-        self.v_proj = _dense(c.n_kv_heads * c.head_dim, dt)
+        self.q_proj = _dense(c.n_heads * c.head_dim, dt, bias=c.attention_bias)
+        self.k_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias)
+        self.v_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias)
         self.o_proj = _dense(c.d_model, dt, std=_out_std(c))
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.norm_eps, dt)
+            self.k_norm = RMSNorm(c.norm_eps, dt)
 
     def qkv(self, x, positions):
         """Project x [B,T,d] to q [B,T,H,D] and k, v [B,T,KV,D], with RoPE applied to q and k."""
@@ -139,6 +148,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim)
         k = self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
 
     def out(self, y):
@@ -193,7 +204,8 @@ class Decoder(nn.Module):
     With ``cache`` (``init_cache``'s per-layer list) it returns ``(logits, new_cache)``: the chunk's k/v
     go to cache slots [cache_index, cache_index+T) (default 0) and queries attend over the whole cache
     under ``attn_mask`` [B,T,L] (default: causal by slot, key slot <= query slot). ``positions`` ([T] or
-    [B,T], default cache_index + 0..T-1) only set the RoPE phases; without a cache the mask is causal by index.
+    [B,T], default cache_index + 0..T-1) only set the RoPE phases; without a cache ``attn_mask`` is [B,T,T]
+    (default: causal by index), e.g. causal and padding for a left-padded batch.
     ``logits_to_keep`` = n > 0 (a Python int, as in HF transformers) computes the logits of the last n
     positions only, [B,n,V]: a prefill needs just the last one.
     """
@@ -227,11 +239,12 @@ class Decoder(nn.Module):
 
 
 def _mask_and_kv(config: ModelConfig, t: int, cache, cache_index, attn_mask):
-    """(attention mask, per-layer kv) for a chunk of t tokens: without a cache the causal [1,T,T] mask and
-    no kv; with one, ``attn_mask`` or by default the causal-by-slot [1,T,L] mask (slot cache_index + i sees
-    slots <= cache_index + i), and the cache, checked to hold n_layers entries of at least t slots."""
+    """(attention mask, per-layer kv) for a chunk of t tokens: without a cache ``attn_mask`` or by default the
+    causal [1,T,T] mask, and no kv; with one, ``attn_mask`` or by default the causal-by-slot [1,T,L] mask
+    (slot cache_index + i sees slots <= cache_index + i), and the cache, checked to hold n_layers entries of
+    at least t slots."""
     if cache is None:
-        return causal_mask(t), [None] * config.n_layers
+        return (causal_mask(t) if attn_mask is None else attn_mask), [None] * config.n_layers
     length = cache[0]["k"].shape[1]
     if len(cache) != config.n_layers or t > length:
         raise ValueError(f"cache of {len(cache)} layers x {length} slots does not fit {config.n_layers} layers "

@@ -1,7 +1,9 @@
 """Model configuration, the width/depth scaling rule, named presets and analytic size/FLOP counts.
 
 The architecture is Llama-style (Touvron et al. 2023): pre-norm RMSNorm, RoPE (Su et al. 2021),
-SwiGLU MLP (Shazeer 2020), optional grouped-query attention (Ainslie et al. 2023), no biases.
+SwiGLU MLP (Shazeer 2020), optional grouped-query attention (Ainslie et al. 2023), no biases. Three
+options, off by default, admit pretrained checkpoints (``models.hf``): q/k/v biases (Qwen2), per-head
+q/k RMSNorm (Qwen3) and a head width other than d_model / n_heads (Qwen3, Mistral-Nemo).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ def _require(ok: bool, message: str) -> None:
 class ModelConfig:
     """Shape and precision of the decoder; ``dtype`` is the compute dtype, params are always float32.
 
-    ``norm_eps`` is the RMSNorm epsilon (Llama uses 1e-5, Qwen2 1e-6).
+    ``norm_eps`` is the RMSNorm epsilon (Llama uses 1e-5, Qwen2 1e-6). ``attention_bias`` gives the q, k and v
+    projections (not o) biases, as in Qwen2 (Qwen2 technical report, Yang et al. 2024); ``qk_norm`` RMS-normalises
+    each head of q and k before RoPE, as in Qwen3, which drops Qwen2's QKV bias for it (Qwen3 technical report,
+    Yang et al. 2025, sec. 2); ``head_dim_override`` sets the per-head width when it is not d_model / n_heads
+    (q_proj then has n_heads * head_dim outputs). All three are off by default.
     """
 
     vocab_size: int = 8192
@@ -42,23 +48,32 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     norm_eps: float = 1e-5
+    attention_bias: bool = False
+    qk_norm: bool = False
+    head_dim_override: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, not {value!r}")
-        _require(self.d_model % self.n_heads == 0,
-                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim_override is None:
+            _require(self.d_model % self.n_heads == 0,
+                     f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        else:
+            _require(isinstance(self.head_dim_override, int) and self.head_dim_override > 0,
+                     f"head_dim_override must be a positive integer or None, not {self.head_dim_override!r}")
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        _require(self.head_dim % 2 == 0, f"head_dim = d_model / n_heads must be even for RoPE, not {self.head_dim}")
+        _require(self.head_dim % 2 == 0, f"head_dim (d_model / n_heads unless head_dim_override is set) must be even "
+                                         f"for RoPE, not {self.head_dim}")
         _require(self.rope_theta > 0, f"rope_theta must be positive, not {self.rope_theta}")
         _require(self.norm_eps > 0, f"norm_eps must be positive, not {self.norm_eps}")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Per-head width: ``head_dim_override`` if set, else d_model // n_heads."""
+        return self.d_model // self.n_heads if self.head_dim_override is None else self.head_dim_override
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -83,9 +98,12 @@ def scale(base: ModelConfig, factor: float) -> ModelConfig:
       * n_layers = round(base.n_layers * sqrt(factor)), at least 1.
     Every size is non-decreasing in ``factor``, so params grow monotonically; ``scale(base, 1.0) == base``.
     Non-embedding params therefore grow roughly as factor**2.5 (width**2 x depth).
-    vocab_size, max_len, rope_theta, tie_embeddings, dtype and norm_eps are copied from ``base``.
+    vocab_size, max_len, rope_theta, tie_embeddings, dtype, norm_eps and the attention options are copied
+    from ``base``.
     """
     _require(factor > 0 and math.isfinite(factor), f"scale factor must be a positive number, not {factor!r}")
+    _require(base.n_heads * base.head_dim == base.d_model,
+             f"only a config with n_heads * head_dim == d_model can be scaled, not {base.n_heads} x {base.head_dim}")
     hd = base.head_dim
     d_model = _round_to(base.d_model * factor, hd)
     n_heads = d_model // hd
@@ -126,7 +144,9 @@ def param_count(config: ModelConfig) -> dict[str, int]:
     following Kaplan et al. 2020; it includes the RMSNorm scales.
     """
     c = config
-    attn = 2 * c.d_model * c.d_model + 2 * c.d_model * c.n_kv_heads * c.head_dim  # q, o + k, v
+    q_width, kv_width = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    attn = 2 * c.d_model * q_width + 2 * c.d_model * kv_width  # q, o + k, v
+    attn += (q_width + 2 * kv_width) * c.attention_bias + 2 * c.head_dim * c.qk_norm  # q/k/v biases, q/k norms
     layer = attn + 3 * c.d_model * c.d_ff + 2 * c.d_model  # + SwiGLU + two norms
     non_embedding = c.n_layers * layer + c.d_model  # + final norm
     vocab = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
