@@ -70,13 +70,46 @@ def _data_shards(args) -> None:
 
 
 def _model_info(args) -> None:
-    from fedjax_code.models import get_preset, model_info, scale
+    from fedjax_code.models import get_preset, load_pretrained, model_info, scale
 
+    if args.pretrained:
+        print(json.dumps(model_info(load_pretrained(args.pretrained).config), indent=1))
+        return
     try:
         base = get_preset(args.preset)
     except ValueError as err:
         raise UserError(str(err)) from None
     print(json.dumps(model_info(scale(base, args.scale)), indent=1))
+
+
+def _check_new_dir(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another --out")
+
+
+def _model_import(args) -> None:
+    from fedjax_code.models import load_pretrained, num_params
+    from fedjax_code.models.pretrained import save_own
+
+    _check_new_dir(args.out, args.force)
+    model = load_pretrained(args.src)
+    save_own(model, args.out)
+    print(json.dumps({"out": str(args.out), "source": model.source, "params": num_params(model.params)}))
+
+
+def _model_export(args) -> None:
+    from fedjax_code import rundir
+    from fedjax_code.models import Pretrained, load_pretrained, num_params
+    from fedjax_code.models.pretrained import save_hf
+
+    _check_new_dir(args.out, args.force)
+    if (args.src / "config.json").is_file() and (args.src / "checkpoints").is_dir():
+        run = rundir.load_trained(args.src)
+        model = Pretrained(run.model, run.params, run.tokenizer, f"{args.src} round {run.round}")
+    else:
+        model = load_pretrained(args.src)
+    save_hf(model, args.out)
+    print(json.dumps({"out": str(args.out), "source": model.source, "params": num_params(model.params)}))
 
 
 def _train(args) -> None:
@@ -107,7 +140,12 @@ def _eval_humaneval(args) -> None:
     cfg = EvalConfig(n=args.n, k=tuple(_ks(args.k)), problems=args.problems, nll_problems=args.nll_problems,
                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, timeout=args.timeout, workers=args.workers)
-    record = he.evaluate_run(args.run, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet)
+    if args.model is not None:
+        if args.checkpoint is not None:
+            raise UserError("--checkpoint belongs to --run; a --model is evaluated as it is")
+        record = he.evaluate_model(args.model, args.out, cfg, progress=not args.quiet)
+    else:
+        record = he.evaluate_run(args.run, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet)
     print(json.dumps({"out": str(args.out), **to_dict(dataclasses.replace(record, nll_per_task=None))}))
 
 
@@ -208,11 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-frac", type=float, default=part_defaults["heldout_frac"])
     p.set_defaults(handler=_data_shards)
 
-    model = commands.add_parser("model", help="model configurations").add_subparsers(dest="model_command", required=True)
+    model = commands.add_parser("model", help="model configurations, pretrained import and export").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("info", help="sizes and FLOPs of a preset at a scaling factor, as JSON")
     p.add_argument("--preset", default="cpu-1", help="base preset (cpu-0.25 ... cpu-4, gpu-0.25 ... gpu-4)")
     p.add_argument("--scale", type=float, default=1.0, help="scaling factor applied to the preset")
+    p.add_argument("--pretrained", default=None, metavar="SRC", help="describe a pretrained model instead: a "
+                   "registered name (smollm2-135m-instruct), a .gguf file, a model directory or a hub id")
     p.set_defaults(handler=_model_info)
+    p = model.add_parser("import", help="read a pretrained model (name, .gguf, HF directory or hub id) and write "
+                         "it in fedjax-code's own format")
+    p.add_argument("src", help="a registered name, a .gguf file, a Hugging Face directory or a hub id")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (fedjax_model.json, "
+                   "params.safetensors, tokenizer/)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_model_import)
+    p = model.add_parser("export", help="write a run's global model, or any pretrained source, as a Hugging Face "
+                         "directory that transformers loads")
+    p.add_argument("src", type=Path, help="a run directory of `fedjax-code train`, or any pretrained source")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (config.json, model.safetensors, "
+                   "the tokenizer)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=_model_export)
 
     p = commands.add_parser("train", help="one federated training run (prepares its data if needed)")
     p.add_argument("--config", default=None, help="TOML file (default: built-in defaults)")
@@ -241,8 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="HumanEval sampling and scoring").add_subparsers(
         dest="eval_command", required=True)
     eval_defaults = _defaults(EvalConfig)
-    p = evaluate.add_parser("humaneval", help="sample completions from a run and score them (pass@k, NLL)")
-    p.add_argument("--run", type=Path, required=True, help="a run directory of `fedjax-code train`")
+    p = evaluate.add_parser("humaneval", help="sample completions from a run or a pretrained model and score them "
+                            "(pass@k, NLL)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a run directory of `fedjax-code train`")
+    source.add_argument("--model", metavar="SRC", help="a pretrained model: a registered name "
+                        "(smollm2-135m-instruct), a .gguf file, a model directory or a hub id")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint step directory (default: latest)")
     p.add_argument("--n", type=int, default=eval_defaults["n"], help="samples per problem")
     p.add_argument("--temperature", type=float, default=eval_defaults["temperature"])

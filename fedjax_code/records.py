@@ -110,6 +110,7 @@ class HumanEvalRecord:
     samples_file: str | None = None  # `eval score`: the file scored
     run: str | None = None     # `eval humaneval`: the run and round sampled, and how
     round: int | None = None
+    model: str | None = None   # `eval humaneval --model`: the pretrained source sampled
     n: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -42,5 +42,5 @@ def test_long_prompts_are_cut_from_the_left(prepared):
 
     tok = load_tokenizer(prepared / "tokenizer")
     problem = {"prompt": "x = 1\n" * 200, "canonical_solution": "    return 1\n"}
-    tokens, mask = _solution_batch(tok, [problem], max_len=32)
+    tokens, mask = _solution_batch(tok, [problem], max_len=32, prefix=[tok.bos_token_id])
     assert tokens.shape == (1, 33) and mask[0, -len(tok.encode("    return 1\n")):].all()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from fedjax_code.cache import cache_root
 from fedjax_code.config import DataConfig, config_hash
 from fedjax_code.data import corpus, topics
 from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
@@ -37,7 +37,7 @@ from fedjax_code.errors import UserError
 
 def default_cache() -> Path:
     """Where prepared data goes without ``--out``: $FEDJAX_CODE_CACHE/data or ~/.cache/fedjax-code/data."""
-    return Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code")) / "data"
+    return cache_root() / "data"
 
 
 def source_fingerprint(cfg: DataConfig, roots: list[Path] | None = None) -> dict:

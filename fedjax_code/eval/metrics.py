@@ -30,17 +30,16 @@ def pass_at_k(results: list[dict], ks) -> dict[str, float]:
     return {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if k <= total.min()}
 
 
-def _solution_batch(tokenizer, problems: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [N, L+1] (BOS + prompt + solution, right-padded) and a mask [N, L] on solution targets.
+def _solution_batch(tokenizer, problems: list[dict], max_len: int, prefix) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [N, L+1] (prefix + prompt + solution, right-padded) and a mask [N, L] on solution targets.
 
     A prompt too long for ``max_len`` is cut from the left; the solution is kept whole when it fits.
     """
-    bos = special_ids(tokenizer)[0]
     rows, masks = [], []
     for p in problems:
         prompt = tokenizer.encode(p["prompt"], add_special_tokens=False)
         solution = tokenizer.encode(p["canonical_solution"], add_special_tokens=False)[:max_len]
-        prompt = ([bos] + prompt)[-(max_len + 1 - len(solution)):]
+        prompt = (list(prefix) + prompt)[-(max_len + 1 - len(solution)):]
         rows.append(prompt + solution)
         masks.append([0] * (len(prompt) - 1) + [1] * len(solution))
     width = max(len(r) for r in rows)
@@ -51,9 +50,12 @@ def _solution_batch(tokenizer, problems: list[dict], max_len: int) -> tuple[np.n
     return tokens, mask
 
 
-def canonical_nll(params, model_config, tokenizer, problems: list[dict], batch_size: int = 8) -> dict:
-    """Mean per-token NLL (nats) of the canonical solutions: ``{"nll": mean over problems, "per_task": {...}}``."""
-    tokens, mask = _solution_batch(tokenizer, problems, model_config.max_len)
+def canonical_nll(params, model_config, tokenizer, problems: list[dict], batch_size: int = 8, prefix=None) -> dict:
+    """Mean per-token NLL (nats) of the canonical solutions: ``{"nll": mean over problems, "per_task": {...}}``.
+
+    Each row is ``prefix`` (default: the tokenizer's [BOS]) + the prompt + the solution."""
+    prefix = [special_ids(tokenizer)[0]] if prefix is None else prefix
+    tokens, mask = _solution_batch(tokenizer, problems, model_config.max_len, prefix)
     row_nll = jax.jit(jax.vmap(lambda p, row, m: loss_fn(p, model_config, row[None], m[None]), in_axes=(None, 0, 0)))
 
     pad = -len(tokens) % batch_size

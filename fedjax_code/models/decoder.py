@@ -58,15 +58,19 @@ def causal_mask(q_len: int, kv_len: int | None = None) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Scaled dot-product attention: q [B,T,H,D], k/v [B,S,KV,D], mask broadcastable to [B,T,S].
 
-    KV heads are repeated H/KV times (GQA). Scores and softmax in float32; output in v.dtype.
+    Grouped-query attention (GQA): query heads are grouped [B,T,KV,H/KV,D] against their shared KV head, so
+    k and v are never repeated (a repeat copies the whole KV cache every decode step: 528 vs 209 ms per step
+    for SmolLM2-135M at batch 16 with a 960-slot cache, measured once). Scores and softmax in float32;
+    output in v.dtype.
     """
-    n_rep = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, n_rep, axis=2), jnp.repeat(v, n_rep, axis=2)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    b, t, h, d = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, t, n_kv, h // n_kv, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, d)
 
 
 @jax.custom_vjp

@@ -1,0 +1,30 @@
+"""Where cached data and models live, and how files reach it whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$FEDJAX_CODE_CACHE, or ~/.cache/fedjax-code."""
+    return Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code"))
+
+
+@contextlib.contextmanager
+def building(target: Path):
+    """Yield a fresh path beside ``target`` to build a file or directory in; on success it replaces ``target``
+    (an old directory is deleted only then). On failure nothing is left behind and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+    try:
+        yield tmp
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
