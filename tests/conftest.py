@@ -6,8 +6,11 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+_USER_CACHE = os.environ.get("FEDJAX_CODE_CACHE", os.path.expanduser("~/.cache/fedjax-code"))
 os.environ["FEDJAX_CODE_CACHE"] = tempfile.mkdtemp(prefix="fedjax-code-test-cache-")  # runs prepare data here
 atexit.register(shutil.rmtree, os.environ["FEDJAX_CODE_CACHE"], ignore_errors=True)
+if os.path.isdir(os.path.join(_USER_CACHE, "pretrained")):  # reuse the models `make install` fetched
+    os.symlink(os.path.join(_USER_CACHE, "pretrained"), os.path.join(os.environ["FEDJAX_CODE_CACHE"], "pretrained"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: a hub id fails at once
 

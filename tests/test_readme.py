@@ -47,3 +47,11 @@ def test_register_example_adds_an_algorithm():
         assert FederatedConfig(algorithm="fedavg_half").algorithm == "fedavg_half"
     finally:
         fl.REGISTRY.pop("fedavg_half", None)
+
+
+def test_pretrained_example_runs():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_pretrained" in b)
+    proc = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr("\n   ")  # SmolLM2's next token after "def fibonacci(n):"
