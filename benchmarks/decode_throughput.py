@@ -33,6 +33,10 @@ timed; transformers one warm-up call, then ``--repeats`` timed. Per batch size (
 plus greedy_tokens_match: at batch 1, the share of the first prompt's N greedy tokens that agree before the first
 difference (1.0: identical; reported, not asserted).
 
+torch's intra-op pool has one thread per core by default; when another process keeps a core busy its threads wait
+on each other and transformers can run many times slower (seen: ~20x on 2 cores with one busy). Check the bg
+column, and compare with ``--torch-threads 1``.
+
     .venv/bin/python benchmarks/decode_throughput.py --pretrained smollm2-135m-instruct --batches 1,16 --max-new-tokens 64
     .venv/bin/python benchmarks/decode_throughput.py --pretrained path/to/model.gguf --batches 1 --max-new-tokens 16 --repeats 1
 """
@@ -194,6 +198,8 @@ def main_pretrained(args):
     t0 = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")]
     n_new = args.max_new_tokens
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     m = load_pretrained(args.pretrained)
     hf_model = load_hf_model(args.pretrained)
     pad_id = m.tokenizer.pad_token_id or 0
@@ -239,6 +245,8 @@ def main():
                    "(registered name, .gguf file or HF directory) instead of timing the scales")
     p.add_argument("--batches", default="1,16", help="with --pretrained: comma-separated batch sizes (first b "
                    "HumanEval prompts)")
+    p.add_argument("--torch-threads", type=int, default=0, help="with --pretrained: torch.set_num_threads for "
+                   "transformers (0: torch's default, one per core; under background load 1 can be much faster)")
     args = p.parse_args()
     if args.pretrained:
         return main_pretrained(args)

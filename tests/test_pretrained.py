@@ -190,3 +190,21 @@ def test_eval_humaneval_of_a_pretrained_model(hf_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # argparse: --model and --run exclude each other
         cli("eval", "humaneval", "--model", hf_dir, "--run", tmp_path, "--out", tmp_path / "x")
     assert exit_.value.code == 2
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_samples(hf_dir, tmp_path):
+    """Batches are appended to samples.partial.jsonl as they finish; a rerun continues after the last whole one."""
+    model = load_pretrained(hf_dir)
+    kw = dict(n=12, temperature=0.8, top_p=0.95, max_new_tokens=6, seed=3, progress=False, key="k")
+    whole, _ = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], **kw)
+    partial = tmp_path / he.PARTIAL
+    he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], partial=partial, **kw)
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + 3  # the key, then 36 rows in batches of 16
+    partial.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # killed while writing the second batch
+    resumed, stats = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3],
+                                           partial=partial, **kw)
+    assert resumed == whole and stats["generated_tokens"] > 0
+    other, _ = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], partial=partial,
+                                     **{**kw, "seed": 4, "key": "another"})  # another evaluation starts afresh
+    assert other != whole and len(partial.read_text().splitlines()) == 4

@@ -15,6 +15,8 @@ Outputs in the evaluation directory:
     results.jsonl    one verdict per sample: task_id, completion_id (0-based line), passed, result
     humaneval.json   pass@k, canonical-solution NLL, decode tokens/s, executions/s, n, temperature,
                      top_p, the sandbox's isolation level, and what was evaluated
+    samples.partial.jsonl  while sampling: the finished batches; rerunning the same evaluation resumes
+                     after them, and the file goes once humaneval.json is written
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedjax_code.models.decode import (
 from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 
 DECODE_ROWS = 16  # sequences decoded together
+PARTIAL = "samples.partial.jsonl"  # the finished batches of an evaluation still running or interrupted
 
 
 def select_problems(spec: str | None = None) -> list[dict]:
@@ -84,37 +87,62 @@ def stop_token_seqs(tokenizer) -> list[list[int]]:
             + [[i] for i in tokenizer.all_special_ids])
 
 
+def _resume_partial(path: Path | None, key: str) -> list[dict]:
+    """The finished batches that an interrupted evaluation with the same ``key`` left in ``path``; the file
+    is (re)started with just those (a line cut short by the interruption, or another key's, is dropped)."""
+    if path is None:
+        return []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    batches = []
+    try:
+        if lines and json.loads(lines[0]).get("key") == key:
+            for line in lines[1:]:
+                batches.append(json.loads(line))
+    except ValueError:
+        pass
+    write_atomic(path, "".join(json.dumps(x) + "\n" for x in [{"key": key}, *batches]))
+    return batches
+
+
 def sample_completions(params, model, tokenizer, problems, *, n, temperature, top_p, max_new_tokens, seed=0,
-                       prefix=(), progress=True) -> tuple[list[dict], dict]:
+                       prefix=(), progress=True, partial: Path | None = None, key: str = "") -> tuple[list[dict], dict]:
     """``n`` completions per problem (truncated at HumanEval's stop sequences) and decoding stats.
 
-    Each prompt is ``prefix`` + the stripped prompt's ids (``split_prompt``); the KV cache holds the longest
-    prompt (bucketed) plus ``max_new_tokens``.
+    Each prompt is ``prefix`` + the stripped prompt's ids (``split_prompt``); each batch's KV cache holds its
+    longest prompt (bucketed) plus ``max_new_tokens``. With ``partial``, every finished batch is appended
+    there under ``key``, and a rerun with the same key resumes after the last one (batch i's sampling key
+    is ``fold_in(seed, i)``, so a resumed evaluation samples what an uninterrupted one would).
     """
     rows = []
     for p in problems:
         text, tail = split_prompt(p["prompt"])
         rows += [(p["task_id"], tail, list(prefix) + tokenizer.encode(text, add_special_tokens=False))] * n
-    decode_model = dataclasses.replace(model, max_len=bucket_length(max(len(r[2]) for r in rows)) + max_new_tokens)
     stops = stop_token_seqs(tokenizer)
-    samples, generated, decode_s, timed = [], 0, 0.0, [0, 0.0]
-    for i in tqdm(range(0, len(rows), DECODE_ROWS), desc="decode", disable=None if progress else True, file=sys.stderr):
+    batches = _resume_partial(partial, key)
+    starts = range(len(batches) * DECODE_ROWS, len(rows), DECODE_ROWS)
+    for i in tqdm(starts, desc="decode", initial=len(batches), total=-(-len(rows) // DECODE_ROWS),
+                  disable=None if progress else True, file=sys.stderr):
         batch = rows[i : i + DECODE_ROWS]
+        config = dataclasses.replace(model, max_len=bucket_length(max(len(r[2]) for r in batch)) + max_new_tokens)
         traces = sum(TRACE_COUNTS.values())
         outs, stats = generate_with_stats(
-            params, decode_model, [ids for *_, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
+            params, config, [ids for *_, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, key=jax.random.fold_in(jax.random.PRNGKey(seed), i), eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id or 0, stop_token_seqs=stops)
-        generated += stats["num_generated"]
-        decode_s += stats["decode_s"] + stats["prefill_s"]
-        if sum(TRACE_COUNTS.values()) == traces:  # throughput leaves out the calls that compiled a new shape
-            timed = [timed[0] + stats["num_generated"], timed[1] + stats["decode_s"] + stats["prefill_s"]]
-        samples += [{"task_id": t, "completion": to_completion(
-                        truncate_completion(tokenizer.decode(ids, skip_special_tokens=True)), tail)}
-                    for (t, tail, _), ids in zip(batch, outs)]
-    timed = timed if timed[1] > 0 else [generated, decode_s]  # every call compiled: report them all
-    return samples, {"generated_tokens": generated, "decode_s": round(decode_s, 3),
-                     "decode_tokens_per_s": round(timed[0] / max(timed[1], 1e-9), 1)}
+        samples = [{"task_id": t, "completion": to_completion(
+                       truncate_completion(tokenizer.decode(ids, skip_special_tokens=True)), tail)}
+                   for (t, tail, _), ids in zip(batch, outs)]
+        batches.append({"samples": samples, "generated": stats["num_generated"],
+                        "seconds": stats["decode_s"] + stats["prefill_s"],
+                        "compiled": sum(TRACE_COUNTS.values()) != traces})
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.write(json.dumps(batches[-1]) + "\n")
+    generated, seconds = sum(b["generated"] for b in batches), sum(b["seconds"] for b in batches)
+    warm = [b for b in batches if not b["compiled"]] or batches  # leave out the calls that compiled a new shape
+    return [s for b in batches for s in b["samples"]], {
+        "generated_tokens": generated, "decode_s": round(seconds, 3),
+        "decode_tokens_per_s": round(sum(b["generated"] for b in warm) / max(sum(b["seconds"] for b in warm), 1e-9), 1)}
 
 
 def read_samples(path: Path, problems: dict) -> list[dict]:
@@ -166,9 +194,12 @@ def _evaluate(params, config, tokenizer, pretrained: bool, out: Path, cfg: EvalC
     """Sample, score and write one evaluation; ``provenance`` names what was evaluated (record fields)."""
     chosen = select_problems(cfg.problems)
     prefix = prompt_prefix(tokenizer, pretrained)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    key = json.dumps({**provenance, **dataclasses.asdict(cfg)}, sort_keys=True, default=str)
     samples, decoding = sample_completions(params, config, tokenizer, chosen, n=cfg.n, temperature=cfg.temperature,
                                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                           prefix=prefix, progress=progress)
+                                           prefix=prefix, progress=progress, partial=partial, key=key)
     results, scoring = score(samples, {p["task_id"]: p for p in chosen}, cfg.k, cfg.timeout, cfg.workers, progress)
     nll = canonical_nll(params, config, tokenizer, select_problems(cfg.nll_problems), prefix=prefix)
     record = HumanEvalRecord(
@@ -176,6 +207,7 @@ def _evaluate(params, config, tokenizer, pretrained: bool, out: Path, cfg: EvalC
         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, problems=len(chosen), nll=nll["nll"],
         nll_problems=len(nll["per_task"]), nll_per_task=nll["per_task"])
     write_outputs(out, samples, results, record)
+    partial.unlink()
     return record
 
 
