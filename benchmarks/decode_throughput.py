@@ -38,7 +38,7 @@ on each other and transformers can run many times slower (seen: ~20x on 2 cores 
 column, and compare with ``--torch-threads 1``.
 
     .venv/bin/python benchmarks/decode_throughput.py --pretrained smollm2-135m-instruct --batches 1,16 --max-new-tokens 64
-    .venv/bin/python benchmarks/decode_throughput.py --pretrained path/to/model.gguf --batches 1 --max-new-tokens 16 --repeats 1
+    .venv/bin/python benchmarks/decode_throughput.py --pretrained model.gguf --batches 1 --max-new-tokens 16 --repeats 1
 """
 
 import sys

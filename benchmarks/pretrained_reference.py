@@ -29,17 +29,8 @@ from tqdm.auto import tqdm
 from fedjax_code.eval import humaneval as he
 from fedjax_code.models import load_pretrained, logits
 from fedjax_code.models.decode import truncate_completion
-from fedjax_code.models.pretrained import REGISTRY, fetch_registered
 from fedjax_code.records import write_atomic
-
-
-def transformers_model(src: str):
-    """transformers' own float32 model of ``src`` (a registered name, a .gguf file or an HF directory)."""
-    path = fetch_registered(src) if src in REGISTRY else Path(src)
-    if path.suffix == ".gguf":
-        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                 dtype=torch.float32).eval()
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+from decode_throughput import load_hf_model  # this directory: transformers' own model of a source
 
 
 def prompt_ids(model, problem) -> list[int]:
@@ -101,7 +92,7 @@ def main():
     ours_samples = [json.loads(line) for line in (args.ours / "samples.jsonl").read_text().splitlines()]
     problems = {q["task_id"]: q for q in he.select_problems()}
     chosen = [problems[s["task_id"]] for s in ours_samples]
-    ours, theirs = load_pretrained(args.model), transformers_model(args.model)
+    ours, theirs = load_pretrained(args.model), load_hf_model(args.model)
     diff = logits_difference(ours, theirs, chosen[: args.logit_prompts])
     samples, seconds, generated = greedy_completions(ours, theirs, chosen, record["max_new_tokens"])
     results, scoring = he.score(samples, problems, [1], record["timeout"], 0, True)
