@@ -166,5 +166,7 @@ def test_bad_gguf_files_get_one_sentence(tokenizer, tmp_path):
         load_gguf(tmp_path / "arch.gguf")
     with pytest.raises(UserError, match="type Q5_0, which is not supported"):
         load_gguf(write_gguf(tmp_path / "q5_0.gguf", tiny_llama(len(tokenizer), tied=True), tokenizer, Q.Q5_0))
+    with pytest.raises(UserError, match="has no tokenizer"):
+        tokenizer_from_gguf({"general.architecture": "llama"})
     with pytest.raises(UserError, match="pre-tokenizer 'qwen99' is not supported"):
         load_gguf(write_gguf(tmp_path / "pre.gguf", tiny_llama(len(tokenizer), tied=True), tokenizer, Q.F32, pre="qwen99"))
