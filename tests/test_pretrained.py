@@ -208,3 +208,21 @@ def test_an_interrupted_evaluation_resumes_to_the_same_samples(hf_dir, tmp_path)
     other, _ = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], partial=partial,
                                      **{**kw, "seed": 4, "key": "another"})  # another evaluation starts afresh
     assert other != whole and len(partial.read_text().splitlines()) == 4
+
+
+def test_export_of_a_trained_run_loads_in_transformers(tmp_path, monkeypatch):
+    from fedjax_code import rundir
+    from fedjax_code.experiments.run import train
+    from tests.test_train import tiny
+
+    monkeypatch.setenv("FEDJAX_CODE_CACHE", str(tmp_path / "cache"))
+    train(tiny("federated.rounds=1"), tmp_path / "run", progress=False)
+    code, out, err = cli("model", "export", tmp_path / "run", "--out", tmp_path / "hf")
+    assert code == 0, err
+    run = rundir.load_trained(tmp_path / "run")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.array([run.tokenizer.encode("def f(x):\n    return x\n")])
+    with torch.no_grad():
+        ref = back(input_ids=torch.tensor(tokens)).logits.numpy()
+    assert np.abs(np.asarray(logits(run.model, run.params, tokens)) - ref).max() <= 1e-4
+    assert "round 1" in json.loads(out)["source"]
