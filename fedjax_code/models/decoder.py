@@ -99,12 +99,49 @@ def _tied_logits_bwd(residuals, g):
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
-def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD, bias: bool = False) -> nn.Dense:
-    """A Dense (bias-free unless ``bias``; zero-initialised bias) with float32 params; ``name`` is left out
-    inside ``setup`` (attribute names)."""
+class Linear(nn.Module):
+    """x @ kernel [in, out] (+ bias), float32 params computed in ``dtype``: ``nn.Dense``'s product and names.
+
+    With ``lora_rank`` r > 0 it adds the low-rank update (x @ lora_a [in, r]) @ lora_b [r, out] * lora_alpha / r
+    (LoRA, Hu et al. 2022), never forming the merged weight, so stacked per-client adapters share one base.
+    lora_a starts ~U(-1/sqrt(in), 1/sqrt(in)) and lora_b at zero (as PEFT), so a new adapter changes nothing.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    std: float = INIT_STD
+    bias: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        d_in, dt = x.shape[-1], self.dtype
+        kernel = self.param("kernel", nn.initializers.normal(self.std), (d_in, self.features), PARAM_DTYPE)
+        x = x.astype(dt)
+        y = x @ kernel.astype(dt)
+        if self.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), PARAM_DTYPE).astype(dt)
+        if self.lora_rank:
+            bound = 1.0 / math.sqrt(d_in)
+            a = self.param("lora_a", lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound),
+                           (d_in, self.lora_rank), PARAM_DTYPE)
+            b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features), PARAM_DTYPE)
+            y = y + ((x @ a.astype(dt)) @ b.astype(dt)) * (self.lora_alpha / self.lora_rank)
+        return y
+
+
+def _dense(features: int, dtype, name: str | None = None, std: float = INIT_STD, bias: bool = False,
+           lora: tuple[int, float] = (0, 1.0)) -> Linear:
+    """A ``Linear`` (bias-free unless ``bias``; zero-initialised bias; ``lora`` = (rank, alpha)); ``name`` is
+    left out inside ``setup`` (attribute names)."""
     kw = {} if name is None else {"name": name}
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=PARAM_DTYPE,
-                    kernel_init=nn.initializers.normal(std), **kw)
+    return Linear(features, dtype, std, bias, *lora, **kw)
+
+
+def _lora(config: ModelConfig, target: str) -> tuple[int, float]:
+    """(rank, alpha) of the adapter on a block projection (a ``LORA_TARGETS`` name): rank 0 when it has none."""
+    return (config.lora_rank if target in config.lora_targets else 0), config.lora_alpha
 
 
 def _out_std(config: ModelConfig) -> float:
@@ -137,10 +174,10 @@ class Attention(nn.Module):
 
     def setup(self):
         c, dt = self.config, compute_dtype(self.config)
-        self.q_proj = _dense(c.n_heads * c.head_dim, dt, bias=c.attention_bias)
-        self.k_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias)
-        self.v_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias)
-        self.o_proj = _dense(c.d_model, dt, std=_out_std(c))
+        self.q_proj = _dense(c.n_heads * c.head_dim, dt, bias=c.attention_bias, lora=_lora(c, "q"))
+        self.k_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias, lora=_lora(c, "k"))
+        self.v_proj = _dense(c.n_kv_heads * c.head_dim, dt, bias=c.attention_bias, lora=_lora(c, "v"))
+        self.o_proj = _dense(c.d_model, dt, std=_out_std(c), lora=_lora(c, "o"))
         if c.qk_norm:
             self.q_norm = RMSNorm(c.norm_eps, dt)
             self.k_norm = RMSNorm(c.norm_eps, dt)
@@ -184,8 +221,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt = self.config, compute_dtype(self.config)
-        h = nn.silu(_dense(c.d_ff, dt, "gate_proj")(x)) * _dense(c.d_ff, dt, "up_proj")(x)
-        return _dense(c.d_model, dt, "down_proj", std=_out_std(c))(h)
+        h = nn.silu(_dense(c.d_ff, dt, "gate_proj", lora=_lora(c, "gate"))(x)) * \
+            _dense(c.d_ff, dt, "up_proj", lora=_lora(c, "up"))(x)
+        return _dense(c.d_model, dt, "down_proj", std=_out_std(c), lora=_lora(c, "down"))(h)
 
 
 class DecoderLayer(nn.Module):

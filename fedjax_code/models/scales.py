@@ -26,6 +26,9 @@ def _require(ok: bool, message: str) -> None:
         raise ModelConfigError(message)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the block projections an adapter can sit on
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and precision of the decoder; ``dtype`` is the compute dtype, params are always float32.
@@ -35,6 +38,9 @@ class ModelConfig:
     each head of q and k before RoPE, as in Qwen3, which drops Qwen2's QKV bias for it (Qwen3 technical report,
     Yang et al. 2025, sec. 2); ``head_dim_override`` sets the per-head width when it is not d_model / n_heads
     (q_proj then has n_heads * head_dim outputs). All three are off by default.
+
+    ``lora_rank`` r > 0 gives each projection in ``lora_targets`` (of ``LORA_TARGETS``) a low-rank adapter,
+    W x + B A x * lora_alpha / r (LoRA, Hu et al. 2022; ``models.lora``); 0, the default, gives none.
     """
 
     vocab_size: int = 8192
@@ -51,6 +57,9 @@ class ModelConfig:
     attention_bias: bool = False
     qk_norm: bool = False
     head_dim_override: int | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
@@ -69,6 +78,23 @@ class ModelConfig:
         _require(self.rope_theta > 0, f"rope_theta must be positive, not {self.rope_theta}")
         _require(self.norm_eps > 0, f"norm_eps must be positive, not {self.norm_eps}")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+                 f"lora_rank must be a non-negative integer (0: no adapters), not {self.lora_rank!r}")
+        if self.lora_rank:
+            _require(self.lora_alpha > 0, f"lora_alpha must be positive, not {self.lora_alpha}")
+            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            _require(not unknown and len(self.lora_targets) > 0,
+                     f"lora_targets must name some of {', '.join(LORA_TARGETS)}, not {list(self.lora_targets)}")
+            for t in self.lora_targets:
+                width = min(self.linear_shape(t))
+                _require(self.lora_rank <= width,
+                         f"lora_rank {self.lora_rank} exceeds the width {width} of the {t} projection")
+
+    def linear_shape(self, target: str) -> tuple[int, int]:
+        """(in, out) of a block's projection named by a LoRA target (``LORA_TARGETS``)."""
+        q, kv, d, ff = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.d_model, self.d_ff
+        return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, ff), "up": (d, ff),
+                "down": (ff, d)}[target]
 
     @property
     def head_dim(self) -> int:

@@ -1,0 +1,45 @@
+"""LoRA adapters (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models") on the one decoder.
+
+A config with ``lora_rank`` r > 0 gives each projection in ``lora_targets`` two extra params, ``lora_a`` [in, r]
+and ``lora_b`` [r, out] (``decoder.Linear``), computing W x + B A x * alpha / r without forming the merged
+weight. Training keeps the two apart: ``split`` takes the adapters out of a param tree, the frozen base is
+closed over, and ``join`` puts them back for ``Decoder.apply``; joining copies no array, so a cohort's
+adapters stacked [C, ...] and vmapped all read the one base. ``merge`` folds the adapters into the kernels
+(W + A B * alpha / r), giving a plain model for export or fast sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import traverse_util
+
+from fedjax_code.models.scales import ModelConfig
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+def split(params: dict) -> tuple[dict, dict]:
+    """(base, adapters): the params without and with the ``lora_a``/``lora_b`` leaves, as nested dicts."""
+    flat = traverse_util.flatten_dict(params)
+    base = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
+    adapters = {k: v for k, v in flat.items() if k[-1] in ADAPTER_LEAVES}
+    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+
+
+def join(base: dict, adapters: dict) -> dict:
+    """The full param tree of ``base`` and ``adapters`` (the inverse of ``split``; no array is copied)."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(adapters)})
+
+
+def merge(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """(config without adapters, params with each adapted kernel replaced by W + A B * alpha / r)."""
+    base, adapters = split(params)
+    flat, lora = traverse_util.flatten_dict(base), traverse_util.flatten_dict(adapters)
+    scale = config.lora_alpha / max(config.lora_rank, 1)
+    for path, a in lora.items():
+        if path[-1] == "lora_a":
+            layer = path[:-1]
+            flat[layer + ("kernel",)] = flat[layer + ("kernel",)] + (a @ lora[layer + ("lora_b",)]) * scale
+    plain = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("lora_")}
+    return dataclasses.replace(config, **plain), traverse_util.unflatten_dict(flat)
