@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-frac", type=float, default=part_defaults["heldout_frac"])
     p.set_defaults(handler=_data_shards)
 
-    model = commands.add_parser("model", help="model configurations, pretrained import and export").add_subparsers(dest="model_command", required=True)
+    model = commands.add_parser("model", help="model configurations, pretrained import and export").add_subparsers(
+        dest="model_command", required=True)
     p = model.add_parser("info", help="sizes and FLOPs of a preset at a scaling factor, as JSON")
     p.add_argument("--preset", default="cpu-1", help="base preset (cpu-0.25 ... cpu-4, gpu-0.25 ... gpu-4)")
     p.add_argument("--scale", type=float, default=1.0, help="scaling factor applied to the preset")
