@@ -62,6 +62,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # hashable when read back from JSON
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, not {value!r}")
