@@ -28,7 +28,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from fedjax_code.cache import cache_root
+from fedjax_code.cache import cache_root, file_sha256
 from fedjax_code.config import DataConfig, config_hash
 from fedjax_code.data import corpus, topics
 from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
@@ -63,11 +63,7 @@ def data_key(cfg: DataConfig, roots: list[Path] | None = None) -> str:
 
 def tokens_sha256(out: Path) -> str:
     """A short content hash of a prepared directory's token stream, computed from its bytes."""
-    digest = hashlib.sha256()
-    with open(Path(out) / "tokens.bin", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(Path(out) / "tokens.bin")[:16]
 
 
 def is_prepared(out: Path) -> bool:

