@@ -103,13 +103,31 @@ def _model_export(args) -> None:
     from fedjax_code.models.pretrained import save_hf
 
     _check_new_dir(args.out, args.force)
-    if (args.src / "config.json").is_file() and (args.src / "checkpoints").is_dir():
+    is_run = (args.src / "config.json").is_file() and (args.src / "checkpoints").is_dir()
+    if args.adapters:
+        _export_adapters(args, rundir.load_trained(args.src) if is_run else None)
+        return
+    if is_run:
         run = rundir.load_trained(args.src)
         model = Pretrained(run.model, run.params, run.tokenizer, f"{args.src} round {run.round}")
     else:
         model = load_pretrained(args.src)
     save_hf(model, args.out)
     print(json.dumps({"out": str(args.out), "source": model.source, "params": num_params(model.params)}))
+
+
+def _export_adapters(args, run) -> None:
+    from fedjax_code.cache import building
+    from fedjax_code.models import lora, num_params
+
+    if run is None or not run.config.model.lora_rank:
+        raise UserError(f"--adapters needs a run directory that trained LoRA adapters (model.lora_rank > 0); "
+                        f"{args.src} is not one")
+    m = run.config.model
+    with building(args.out) as tmp:
+        lora.save_peft(run.trainable, m.lora_rank, m.lora_alpha, tmp, m.pretrained or "")
+    print(json.dumps({"out": str(args.out), "source": f"{args.src} round {run.round}", "base": m.pretrained,
+                      "params": num_params(run.trainable)}))
 
 
 def _train(args) -> None:
@@ -266,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=Path, help="a run directory of `fedjax-code train`, or any pretrained source")
     p.add_argument("--out", type=Path, required=True, help="directory to write (config.json, model.safetensors, "
                    "the tokenizer)")
+    p.add_argument("--adapters", action="store_true", help="of a LoRA run, write only its adapters, as a PEFT "
+                   "directory that peft.PeftModel.from_pretrained loads onto the base's export")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=_model_export)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedjax_code.errors import UserError
 from fedjax_code.federated.algorithms import REGISTRY as ALGORITHMS
 from fedjax_code.federated.schedules import SCHEDULES
+from fedjax_code.models.scales import LORA_TARGETS
 
 UNITS = ("file", "function")
 SCHEMES = ("iid", "dirichlet", "pathological", "natural", "size")
@@ -79,18 +80,36 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``[model]``: a base preset (see ``fedjax-code model info``) scaled by ``scale``.
+    """``[model]``: a base preset (see ``fedjax-code model info``) scaled by ``scale``, or a pretrained model.
 
     ``tie_embeddings``: share the input embedding with the output head (None: the preset's choice).
+    ``pretrained``: anything ``models.load_pretrained`` takes (a registered name, a .gguf file, a directory, a
+    hub id); it replaces ``base`` and ``scale``, and the data is tokenised with its tokenizer.
+    ``lora_rank`` r > 0 trains LoRA adapters on ``lora_targets`` with a frozen base (``models.lora``); 0 trains
+    every parameter (full fine-tuning of a pretrained model, or training from scratch).
     """
 
     base: str = "cpu-1"
     scale: float = 1.0
     dtype: str = "float32"
     tie_embeddings: bool | None = None
+    pretrained: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
         _require(self.scale > 0, f"model.scale must be positive, not {self.scale}")
+        _require(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0: no adapters), not {self.lora_rank}")
+        _require(self.lora_alpha > 0, f"model.lora_alpha must be positive, not {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        _require(not unknown and len(self.lora_targets) > 0,
+                 f"model.lora_targets must name some of {', '.join(LORA_TARGETS)}, not {list(self.lora_targets)}")
+
+    @property
+    def lora(self) -> dict:
+        """The ModelConfig fields of the adapters."""
+        return {"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets}
 
 
 @dataclass(frozen=True)
@@ -240,8 +259,8 @@ def _coerce(key: str, value, default, annotation: str = ""):
     """Check a TOML value against the field's default type (ints are accepted for floats); an optional field
     (default None) takes a string, or a boolean when annotated ``bool | None``."""
     if isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in value)
+        item = (str,) if default and isinstance(default[0], str) else (int, float)
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
     elif isinstance(default, bool) or default is None:
         allowed = bool if isinstance(default, bool) else (bool, type(None)) if str(annotation).startswith("bool") \
@@ -252,7 +271,8 @@ def _coerce(key: str, value, default, annotation: str = ""):
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    kind = ("a list of numbers" if isinstance(default, tuple) else "a boolean" if str(annotation).startswith("bool")
+    kind = (f"a list of {'strings' if default and isinstance(default[0], str) else 'numbers'}"
+            if isinstance(default, tuple) else "a boolean" if str(annotation).startswith("bool")
             else "a string" if default is None else type(default).__name__)
     _require(ok, f"{key} must be {kind}, not {value!r}")
     return value

@@ -1,12 +1,14 @@
 """A run directory stands on its own: evaluating or exporting a run never rebuilds its data.
 
-    config.json     {"config": the TOML-shaped ExperimentConfig, "data": DataProvenance}
+    config.json     {"config": the TOML-shaped ExperimentConfig, "data": DataProvenance,
+                     "base": {"source", "sha256"} of the frozen base when LoRA adapters are trained on it}
     tokenizer/      the tokenizer the run trained with (AutoTokenizer loads it)
     metrics.jsonl   one records.RoundRecord per round
     checkpoints/    orbax checkpoints of the whole simulation state
     summary.json    records.RunSummary, written when the run finishes
 
-``load_trained`` needs only these files. ``train --resume`` compares the hashes of the data it is about
+``load_trained`` needs only these files, and the base's source for a LoRA run (checked by its hash; the
+checkpoints hold the adapters, never copies of the base). ``train --resume`` compares the hashes of the data it is about
 to train on with the ones recorded here (``check_same_data``).
 """
 
@@ -19,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 
 from fedjax_code.checkpoint import Checkpointer
 from fedjax_code.config import ExperimentConfig, experiment_from_dict
 from fedjax_code.data.tokenizer import load_tokenizer
 from fedjax_code.errors import UserError
 from fedjax_code.federated import build_algorithm
-from fedjax_code.models import get_preset, init_params, loss_fn, scale
+from fedjax_code.models import loss_fn, lora
 from fedjax_code.records import from_dict, write_json
 
 
@@ -52,8 +53,18 @@ def state(run_dir: Path) -> str:
     return "finished" if (run_dir / "summary.json").is_file() else "unfinished"
 
 
-def write_config(run_dir: Path, cfg: ExperimentConfig, data: DataProvenance) -> None:
-    write_json(Path(run_dir) / "config.json", {"config": cfg.to_dict(), "data": dataclasses.asdict(data)})
+def write_config(run_dir: Path, cfg: ExperimentConfig, data: DataProvenance, base: dict | None = None) -> None:
+    doc = {"config": cfg.to_dict(), "data": dataclasses.asdict(data)}
+    write_json(Path(run_dir) / "config.json", doc | ({"base": base} if base else {}))
+
+
+def check_same_base(run_dir: Path, sha256: str) -> None:
+    """Refuse a frozen base other than the one ``run_dir``'s adapters were trained on."""
+    path = Path(run_dir) / "config.json"
+    recorded = json.loads(path.read_text()).get("base") if path.is_file() else None
+    if recorded and recorded["sha256"] != sha256:
+        raise UserError(f"{run_dir} trained adapters on the base {recorded['source']!r} with hash {recorded['sha256']}, "
+                        f"but that source now gives hash {sha256}; restore the original weights")
 
 
 def read_config(run_dir: Path) -> tuple[ExperimentConfig, DataProvenance]:
@@ -84,30 +95,19 @@ def save_tokenizer(run_dir: Path, tokenizer_dir: Path) -> None:
         shutil.copytree(tokenizer_dir, target)
 
 
-def model_config(cfg: ExperimentConfig, vocab_size: int):
-    """The base preset scaled by ``model.scale``, with the tokenizer's vocabulary, the run's dtype and, when
-    set, its ``model.tie_embeddings``."""
-    try:
-        base = get_preset(cfg.model.base)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    scaled = scale(base, cfg.model.scale)
-    tie = scaled.tie_embeddings if cfg.model.tie_embeddings is None else cfg.model.tie_embeddings
-    return dataclasses.replace(scaled, vocab_size=vocab_size, dtype=cfg.model.dtype, tie_embeddings=tie,
-                               max_len=max(scaled.max_len, cfg.federated.seq_len))
-
-
 class TrainedModel(NamedTuple):
     config: ExperimentConfig
     model: object        # models.ModelConfig
-    params: dict         # the global model's parameters
+    params: dict         # the global model's parameters (LoRA adapters merged into the base)
     tokenizer: object
     round: int
+    trainable: dict      # what the run trained: the adapters of a LoRA run, else ``params``
 
 
 def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
     """The global model of a run's latest checkpoint, or of ``checkpoint`` (a step directory such as
-    ``RUN/checkpoints/10``), with the run's own tokenizer; reads nothing outside the run directory."""
+    ``RUN/checkpoints/10``), with the run's own tokenizer; reads nothing outside the run directory but the
+    pretrained model a run started from."""
     run_dir = Path(run_dir)
     cfg, data = read_config(run_dir)
     ckpt = Checkpointer(Path(checkpoint).parent if checkpoint else run_dir / "checkpoints")
@@ -115,9 +115,14 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
     if round_ is None or round_ not in ckpt.all_rounds():
         where = f"at {checkpoint}" if checkpoint else f"in {run_dir / 'checkpoints'}"
         raise UserError(f"no checkpoint {where}")
-    model = model_config(cfg, data.vocab_size)
-    algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, model, b))
-    server, clients = algorithm.init(init_params(model, jax.random.PRNGKey(cfg.seed)), data.num_clients)
+    from fedjax_code.experiments import components
+
+    setup = components.run_model(cfg, data.vocab_size, components.pretrained(cfg))
+    if setup.base:
+        check_same_base(run_dir, components.params_sha256(setup.base))
+    algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b))
+    server, clients = algorithm.init(setup.trainable, data.num_clients)
     server, _, _ = ckpt.restore(round_, server, clients)
     ckpt.close()
-    return TrainedModel(cfg, model, server.params, load_tokenizer(run_dir / "tokenizer"), round_)
+    model, params = lora.merge(setup.config, lora.join(setup.base, server.params))
+    return TrainedModel(cfg, model, params, load_tokenizer(run_dir / "tokenizer"), round_, server.params)

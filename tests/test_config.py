@@ -85,7 +85,7 @@ def test_model_info_cli():
 
 def test_tie_embeddings_overrides_the_preset():
     from fedjax_code.models import param_count
-    from fedjax_code.rundir import model_config
+    from fedjax_code.experiments.components import model_config
     tied = model_config(load_experiment(None, ["model.scale=0.5"]), vocab_size=512)
     untied = model_config(load_experiment(None, ["model.scale=0.5", "model.tie_embeddings=false"]), vocab_size=512)
     assert tied.tie_embeddings and not untied.tie_embeddings  # cpu-1 ties by default

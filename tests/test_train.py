@@ -101,12 +101,13 @@ def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
 
 
 def test_load_trained_returns_the_final_params(uninterrupted):
-    cfg, model, params, tokenizer, round_ = load_trained(uninterrupted)
+    cfg, model, params, tokenizer, round_, trainable = load_trained(uninterrupted)
     assert cfg == tiny()
     assert round_ == 4 and model.vocab_size == len(tokenizer) == 512
     server, _ = final_state(uninterrupted)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(server.params)):
+    for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(server.params), jax.tree.leaves(trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b))  # no adapters: what was trained is the model
     assert load_trained(uninterrupted, uninterrupted / "checkpoints" / "2")[4] == 2
     with pytest.raises(UserError, match="no checkpoint"):
         load_trained(uninterrupted, uninterrupted / "checkpoints" / "3")

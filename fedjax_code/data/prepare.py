@@ -31,7 +31,7 @@ import numpy as np
 from fedjax_code.cache import cache_root, file_sha256
 from fedjax_code.config import DataConfig, config_hash
 from fedjax_code.data import corpus, topics
-from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
+from fedjax_code.data.tokenizer import encode_documents, load_tokenizer, token_dtype, tokenizer_sha256, train_tokenizer
 from fedjax_code.errors import UserError
 
 
@@ -57,7 +57,7 @@ def source_fingerprint(cfg: DataConfig, roots: list[Path] | None = None) -> dict
 
 def data_key(cfg: DataConfig, roots: list[Path] | None = None) -> str:
     """The cache key of a data configuration: its fields plus the source fingerprint."""
-    tok = {"tokenizer_dir": str(Path(cfg.tokenizer).resolve())} if cfg.tokenizer else {}
+    tok = {"tokenizer_sha256": tokenizer_sha256(load_tokenizer(cfg.tokenizer))} if cfg.tokenizer else {}
     return config_hash(cfg, {**source_fingerprint(cfg, roots), **tok, "topic_method": topics.METHOD})
 
 

@@ -7,6 +7,8 @@ tabs and trailing whitespace included, decodes back exactly. Special tokens:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -45,6 +47,15 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer {str(path)!r}: it is not a tokenizer directory and the hub "
                         f"has no such id or cannot be reached ({str(err).splitlines()[0]})") from None
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """A short hash of what a tokenizer does: its vocabulary, merges, normalisation and splitting rules, and its
+    special tokens; the same for a tokenizer and its ``save_pretrained``/``load_tokenizer`` round trip."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    blob = json.dumps({"backend": backend, "special": special}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

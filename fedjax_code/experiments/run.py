@@ -27,7 +27,7 @@ from fedjax_code.config import ExperimentConfig
 from fedjax_code.errors import UserError
 from fedjax_code.eval.heldout import client_losses_fn, evaluate_clients, fairness
 from fedjax_code.experiments import components
-from fedjax_code.models import init_params, loss_fn, model_info, num_params
+from fedjax_code.models import lora, loss_fn, model_info, num_params
 from fedjax_code.records import RoundRecord, RunSummary, read_json, read_jsonl, to_dict, write_json
 
 EVAL_CHUNK_WINDOWS = 32  # held-out windows evaluated per jitted call
@@ -46,12 +46,13 @@ def _open_run_dir(out: Path, cfg: ExperimentConfig, resume: bool, force: bool) -
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _record_data(out: Path, cfg: ExperimentConfig, data: components.ClientData) -> None:
-    """Write config.json and the tokenizer on a fresh run; on a resumed one, check the data is the same."""
+def _record_data(out: Path, cfg: ExperimentConfig, data: components.ClientData, base: dict | None) -> None:
+    """Write config.json (with the frozen ``base``'s reference, if any) and the tokenizer on a fresh run; on a
+    resumed one, check the data is the same."""
     if (out / "config.json").is_file():
         rundir.check_same_data(out, rundir.read_config(out)[1], data.provenance)
     else:
-        rundir.write_config(out, cfg, data.provenance)
+        rundir.write_config(out, cfg, data.provenance, base)
     rundir.save_tokenizer(out, data.tokenizer_dir)
 
 
@@ -63,30 +64,47 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
 
 
 class Simulation:
-    """Everything fixed for a run: shards, model, jitted round and evaluation, device placement."""
+    """Everything fixed for a run: shards, model (a frozen base and the trainable tree), jitted round and
+    evaluation, device placement.
+
+    The algorithms see only the trainable tree (all params, or a LoRA run's adapters): their ``loss_fn`` joins
+    it to the frozen base, which the jitted round takes as an argument shared by every client (never stacked,
+    copied per client or sent)."""
 
     def __init__(self, cfg: ExperimentConfig, progress: bool):
         self.cfg, f = cfg, cfg.federated
-        self.data = components.client_data(cfg, progress)
+        pre = components.pretrained(cfg)
+        self.data = components.client_data(cfg, progress, pre)
         self.shards, self.examples = self.data.shards, self.data.examples
-        self.model = rundir.model_config(cfg, self.data.provenance.vocab_size)
+        setup = components.run_model(cfg, self.data.provenance.vocab_size, pre)
+        self.model, self.trainable = setup.config, setup.trainable
+        self.base_ref = {"source": cfg.model.pretrained or "random", "sha256": components.params_sha256(setup.base)} \
+            if setup.base else None
         self.num_clients = self.shards.num_clients
-        loss = lambda p, batch: loss_fn(p, self.model, batch)  # noqa: E731
         self.mesh = fl.make_mesh()
+        self.base = self.place(setup.base)
         cohort = fl.cohort_size(self.num_clients, f.participation)
         padded = cohort + -cohort % self.mesh.size
         self.parallel = components.parallel_clients(f, padded, self.mesh.size, jax.devices()[0].platform)
-        self.algorithm = fl.build_algorithm(f, loss, self.parallel)
-        self.round_fn = fl.jit_round(self.algorithm)
-        self.eval_fn = client_losses_fn(loss)
+        self.algorithm = fl.build_algorithm(f, self.loss(self.base), self.parallel)
+        self.round_fn = jax.jit(self._round, donate_argnums=(1, 2))
+        self.eval_fn = client_losses_fn(lambda p, batch: loss_fn(p, self.model, batch))
         windows = cfg.train.eval_windows
         self.heldout = np.stack([self.shards.heldout(c, f.seq_len, windows) for c in range(self.num_clients)])
         self.heldout_tokens = self.shards.bounds[:, 2] - self.shards.bounds[:, 1]
         self.eval_chunk = max(1, EVAL_CHUNK_WINDOWS // windows)
 
+    def loss(self, base):
+        """loss(trainable, batch) of the model ``lora.join(base, trainable)``."""
+        return lambda trainable, batch: loss_fn(lora.join(base, trainable), self.model, batch)
+
+    def _round(self, base, server, clients, cohort):
+        """One round (jitted with the server and client states donated); ``base`` is a traced argument, so the
+        compiled program holds no copy of it."""
+        return fl.build_algorithm(self.cfg.federated, self.loss(base), self.parallel).apply(server, clients, cohort)
+
     def init_state(self):
-        params = init_params(self.model, jax.random.PRNGKey(self.cfg.seed))
-        return self.algorithm.init(params, self.num_clients)
+        return self.algorithm.init(self.trainable, self.num_clients)
 
     def place(self, tree):
         return fl.replicate(tree, self.mesh)
@@ -102,8 +120,8 @@ class Simulation:
         cohort = fl.Cohort(jnp.asarray(ids), mask, weights, jnp.asarray(batches), steps)
         return fl.shard_cohort(fl.pad_cohort(cohort, self.mesh.size), self.mesh)
 
-    def evaluate(self, params) -> dict:
-        losses = evaluate_clients(params, self.heldout, self.eval_fn, self.eval_chunk)
+    def evaluate(self, trainable) -> dict:
+        losses = evaluate_clients(lora.join(self.base, trainable), self.heldout, self.eval_fn, self.eval_chunk)
         return fairness(losses, self.heldout_tokens)
 
 
@@ -129,7 +147,9 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
     if (out / "summary.json").is_file():
         return read_json(RunSummary, out / "summary.json")
     sim = Simulation(cfg, progress)
-    _record_data(out, cfg, sim.data)
+    if sim.base_ref:
+        rundir.check_same_base(out, sim.base_ref["sha256"])
+    _record_data(out, cfg, sim.data, sim.base_ref)
     server, clients = sim.init_state()
     ckpt = Checkpointer(out / "checkpoints")
     start = ckpt.latest_round() or 0
@@ -155,7 +175,7 @@ def _run_rounds(sim: Simulation, out: Path, ckpt: Checkpointer, server, clients,
         for r in bar:
             cohort = sim.cohort(r)
             began = time.perf_counter()
-            server, clients, metrics = sim.round_fn(server, clients, cohort)
+            server, clients, metrics = sim.round_fn(sim.base, server, clients, cohort)
             metrics = jax.device_get(metrics)
             record = _round_record(sim, r, cohort, metrics, time.perf_counter() - began, model_bytes, tokens_seen,
                                    r == start)

@@ -32,12 +32,12 @@ from fedjax_code.config import (EvalConfig, ExperimentConfig, ReportConfig, Tune
 from fedjax_code.data.prepare import prepare, read_stats
 from fedjax_code.errors import UserError
 from fedjax_code.eval.humaneval import evaluate_run
+from fedjax_code.experiments.components import model_config
 from fedjax_code.experiments.run import train
 from fedjax_code.experiments.tuning import group_key, run_tuning
 from fedjax_code.federated import cohort_size
 from fedjax_code.models import flops_per_token
 from fedjax_code.records import write_json
-from fedjax_code.rundir import model_config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")

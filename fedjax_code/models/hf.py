@@ -117,13 +117,18 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- tensor names
 
+def hf_module_name(path: tuple[str, ...]) -> str:
+    """HF module name of one of our module paths, e.g. (layers_0, mlp, up_proj) -> model.layers.0.mlp.up_proj."""
+    if path == ("lm_head",):
+        return "lm_head"
+    return ".".join(["model", *(p.replace("layers_", "layers.", 1) if p.startswith("layers_") else p for p in path)])
+
+
 def _hf_name(path: tuple[str, ...]) -> str:
     """HF tensor name of one of our param paths, e.g. (layers_0, mlp, up_proj, kernel) ->
     model.layers.0.mlp.up_proj.weight."""
-    if path == ("lm_head", "kernel"):
-        return "lm_head.weight"
-    *parts, leaf = (p.replace("layers_", "layers.", 1) if p.startswith("layers_") else p for p in path)
-    return ".".join(["model", *parts, "weight" if leaf in ("kernel", "embedding") else leaf])
+    leaf = path[-1]
+    return f"{hf_module_name(path[:-1])}.{'weight' if leaf in ('kernel', 'embedding') else leaf}"
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,18 +5,25 @@ and ``lora_b`` [r, out] (``decoder.Linear``), computing W x + B A x * alpha / r 
 weight. Training keeps the two apart: ``split`` takes the adapters out of a param tree, the frozen base is
 closed over, and ``join`` puts them back for ``Decoder.apply``; joining copies no array, so a cohort's
 adapters stacked [C, ...] and vmapped all read the one base. ``merge`` folds the adapters into the kernels
-(W + A B * alpha / r), giving a plain model for export or fast sampling.
+(W + A B * alpha / r), giving a plain model for export or fast sampling. ``save_peft`` writes the adapters in
+PEFT's format, which ``peft.PeftModel.from_pretrained`` loads onto the Hugging Face export of the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
+import jax
+import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from fedjax_code.models.scales import ModelConfig
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+PEFT_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
 
 def split(params: dict) -> tuple[dict, dict]:
@@ -43,3 +50,23 @@ def merge(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
             flat[layer + ("kernel",)] = flat[layer + ("kernel",)] + (a @ lora[layer + ("lora_b",)]) * scale
     plain = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("lora_")}
     return dataclasses.replace(config, **plain), traverse_util.unflatten_dict(flat)
+
+
+def save_peft(adapters: dict, rank: int, alpha: float, path: Path, base_model: str) -> Path:
+    """Write ``adapters`` as a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``) for the
+    Hugging Face model ``base_model``; PEFT's weights are torch's [out, in]: lora_A [r, in], lora_B [out, r]."""
+    from fedjax_code.models.hf import hf_module_name
+
+    flat = traverse_util.flatten_dict(jax.device_get(adapters))
+    tensors = {f"base_model.model.{hf_module_name(p[:-1])}.{PEFT_LEAVES[p[-1]]}.weight":
+               np.ascontiguousarray(np.asarray(v, np.float32).T) for p, v in flat.items()}
+    modules = sorted({p[-2] for p in flat})
+    doc = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+           "r": rank, "lora_alpha": alpha, "target_modules": modules, "lora_dropout": 0.0,
+           "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+           "inference_mode": True}
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(doc, indent=2) + "\n")
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return path
