@@ -21,6 +21,26 @@ def test_round_throughput_quick():
         assert row["loop_param_max_diff"] < 1e-5  # the engine, the one-vmap round and the loop agree
 
 
+def test_round_throughput_of_lora_on_a_pretrained_model(tmp_path):
+    import jax
+
+    from fedjax_code.data.tokenizer import train_tokenizer
+    from fedjax_code.models import ModelConfig, Pretrained, init_params
+    from fedjax_code.models.pretrained import save_own
+
+    tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300)
+    config = ModelConfig(vocab_size=320, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_len=64)
+    save_own(Pretrained(config, init_params(config, jax.random.PRNGKey(0)), tokenizer, "tiny"), tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, str(BENCH / "round_throughput.py"), "--pretrained", str(tmp_path / "tiny"),
+                           "--lora-rank", "4", "--cohorts", "1,4", "--batches", "1", "--seq-len", "8", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one, four = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert one["lora_rank"] == 4 and one["trainable_bytes"] < one["base_bytes"] / 10
+    assert four["loop_param_max_diff"] < 1e-5  # the vmapped adapters' round equals the loop over clients
+    assert 0 < four["round_bytes"] - one["round_bytes"] < one["base_bytes"]  # three more clients, no more bases
+
+
 def test_training_recipe_quick():
     proc = subprocess.run([sys.executable, str(BENCH / "training_recipe.py"), "--quick"], capture_output=True,
                           text=True, timeout=300)

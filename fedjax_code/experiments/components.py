@@ -60,9 +60,8 @@ def run_model(cfg: ExperimentConfig, vocab_size: int, pre: Pretrained | None) ->
     key = jax.random.PRNGKey(cfg.seed)
     if not config.lora_rank:
         return RunModel(config, {}, pre.params if pre else init_params(config, key))
-    adapters = jax.jit(lambda k: lora.split(init_params(config, k))[1])(key)  # the base's init is compiled away
     base = pre.params if pre else lora.split(init_params(config, key))[0]
-    return RunModel(config, base, adapters)
+    return RunModel(config, base, lora.init_adapters(config, key))
 
 
 def data_config(cfg: ExperimentConfig, pre: Pretrained | None):

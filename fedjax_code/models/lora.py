@@ -26,6 +26,14 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 PEFT_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 
 
+def init_adapters(config: ModelConfig, key) -> dict:
+    """Fresh adapters of ``config`` (``lora_a`` random, ``lora_b`` zero, as ``decoder.Linear`` makes them), without
+    building the base: the jitted init returns only the adapters, so XLA drops the base's initialisation."""
+    from fedjax_code.models.decoder import init_params
+
+    return jax.jit(lambda k: split(init_params(config, k))[1])(key)
+
+
 def split(params: dict) -> tuple[dict, dict]:
     """(base, adapters): the params without and with the ``lora_a``/``lora_b`` leaves, as nested dicts."""
     flat = traverse_util.flatten_dict(params)
