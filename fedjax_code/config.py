@@ -47,6 +47,9 @@ class DataConfig:
     vocab_size: int = 8192
     tokenizer: str | None = None
     topics: int = 12  # topic classes for label skew (data.topics); 8-20 are sensible
+    prompt_column: str | None = None      # instruction data: the prompt's column(s), comma-separated, joined by newlines
+    completion_column: str | None = None  # ... and the response's column: each row is one prompt/completion record
+    loss_on: str = "all"                  # "completion": train on completion tokens only (unit function, or the above)
 
     def __post_init__(self):
         _require(self.unit in UNITS, f"unit must be one of {', '.join(UNITS)}, not {self.unit!r}")
@@ -55,6 +58,12 @@ class DataConfig:
         _require(self.decontam_ngram >= 1, "decontam_ngram must be at least 1")
         _require(self.vocab_size >= 300, f"vocab_size must be at least 300 (256 bytes + specials), not {self.vocab_size}")
         _require(self.topics >= 1, f"topics must be at least 1, not {self.topics}")
+        _require((self.prompt_column is None) == (self.completion_column is None),
+                 "data.prompt_column and data.completion_column go together (instruction data needs both)")
+        _require(self.loss_on in ("all", "completion"), f"data.loss_on must be all or completion, not {self.loss_on!r}")
+        _require(self.loss_on == "all" or self.unit == "function" or self.completion_column is not None,
+                 "data.loss_on = 'completion' needs prompt/completion pairs: data.unit = 'function' or instruction "
+                 "columns (data.prompt_column, data.completion_column)")
 
 
 @dataclass(frozen=True)

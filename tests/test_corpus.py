@@ -169,3 +169,33 @@ def test_hub_source_offline_is_a_user_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="could not load hub dataset 'nobody/no-such-dataset'"):
         corpus.build_records(DataConfig(source="nobody/no-such-dataset"), progress=False)
+
+
+ALPACA = [  # code-alpaca's columns: instruction, input (often empty), output
+    {"instruction": "Write a function that doubles x.", "input": "", "output": "def double(x):\n    return 2 * x\n"},
+    {"instruction": "Sum a list.", "input": "xs = [1, 2]", "output": "def total(xs):\n    return sum(xs)\n"},
+    {"instruction": "Broken row.", "input": "", "output": None},
+]
+
+
+def test_instruction_columns_give_prompt_completion_records(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    cfg = DataConfig(source=str(path), prompt_column="instruction,input", completion_column="output",
+                     min_file_bytes=1, loss_on="completion")
+    records, counts = corpus.build_records(cfg, progress=False)
+    assert [(r["prompt"], r["completion"]) for r in records] == [
+        ("Write a function that doubles x.\n", ALPACA[0]["output"]), ("Sum a list.\nxs = [1, 2]\n", ALPACA[1]["output"])]
+    assert all(r["text"] == r["prompt"] + r["completion"] for r in records) and counts["unreadable"] == 1
+    with pytest.raises(UserError, match="column 'response' is not in"):
+        corpus.build_records(DataConfig(source=str(path), prompt_column="instruction", completion_column="response"),
+                             progress=False)
+
+
+def test_instruction_and_loss_settings_are_validated():
+    with pytest.raises(UserError, match="go together"):
+        DataConfig(prompt_column="instruction")
+    with pytest.raises(UserError, match="needs prompt/completion pairs"):
+        DataConfig(loss_on="completion")
+    with pytest.raises(UserError, match="loss_on must be all or completion"):
+        DataConfig(loss_on="prompt")

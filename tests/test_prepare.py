@@ -93,3 +93,23 @@ def test_unloadable_tokenizer_is_one_sentence(tmp_path):
     from fedjax_code.data.tokenizer import load_tokenizer
     with pytest.raises(UserError, match="cannot load the tokenizer .*no-such-tokenizer"):
         load_tokenizer(tmp_path / "no-such-tokenizer")
+
+
+def test_completion_loss_mask_covers_the_completions_only(tmp_path):
+    """unit = function with loss_on = completion: the mask is 0 on BOS and the prompt, 1 from the token that
+    ends past the prompt (it may start inside it: a newline and indent are one token) through EOS."""
+    from fedjax_code.data.prepare import load_loss_mask
+
+    cfg = DataConfig(max_bytes=200_000, vocab_size=512, unit="function", loss_on="completion")
+    out = prepare(cfg, tmp_path / "fn", progress=False)
+    dataset, tokenizer, tokens, offsets = load_prepared(out)
+    mask = load_loss_mask(out)
+    assert mask is not None and len(mask) == len(tokens) and load_loss_mask(tmp_path) is None
+    for i in range(0, len(dataset), max(1, len(dataset) // 25)):
+        doc, m = np.asarray(tokens[offsets[i]:offsets[i + 1]]), np.asarray(mask[offsets[i]:offsets[i + 1]])
+        first = int(np.argmax(m))
+        assert m[0] == 0 and m[-1] == 1 and m[first:].all() and not m[:first].any()
+        prompt, completion = dataset[i]["prompt"], dataset[i]["completion"]
+        assert prompt.startswith(tokenizer.decode(doc[1:first]))  # the unmasked tokens lie inside the prompt
+        assert tokenizer.decode(doc[first:-1]).endswith(completion)  # the masked ones cover the completion
+        assert len(tokenizer.decode(doc[first:-1])) < len(completion) + 16

@@ -164,3 +164,27 @@ def test_resume_rebuilds_a_deleted_cache_and_refuses_changed_data(tmp_path, monk
     finally:
         shutil.rmtree(package, ignore_errors=True)
     assert not (out / "summary.json").exists()
+
+
+def test_completion_only_loss(tmp_path):
+    """data.loss_on = completion: each cohort batch carries its windows' loss mask, the loss counts the masked
+    targets only, and the run trains."""
+    from fedjax_code.experiments.run import Simulation
+    from fedjax_code.models import logits, loss_fn
+
+    cfg = tiny("data.unit=function", "data.loss_on=completion", "federated.rounds=2")
+    sim = Simulation(cfg, progress=False)
+    tokens, mask = sim.cohort(0).batches
+    assert tokens.shape == mask.shape and 0 < float(mask.mean()) < 1
+    server, _ = sim.init_state()
+    rows = np.asarray(mask).reshape(-1, *mask.shape[-2:])[..., 1:].mean(axis=(1, 2))
+    i = int(np.argmin(np.where(rows > 0, rows, 2)))  # the batch with the most prompt tokens among its targets
+    window, window_mask = tokens.reshape(-1, *tokens.shape[-2:])[i], mask.reshape(-1, *mask.shape[-2:])[i]
+    masked = float(sim.loss(sim.base)(server.params, (window, window_mask)))
+    logp = jax.nn.log_softmax(logits(sim.model, server.params, window[:, :-1]))
+    target_logp = np.take_along_axis(np.asarray(logp), np.asarray(window[:, 1:])[..., None], -1)[..., 0]
+    weights = np.asarray(window_mask[:, 1:], np.float64)
+    np.testing.assert_allclose(masked, -(target_logp * weights).sum() / weights.sum(), rtol=1e-5)
+    assert abs(masked - float(loss_fn(server.params, sim.model, window))) > 1e-3
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert np.isfinite(summary.eval_loss) and summary.rounds == 2

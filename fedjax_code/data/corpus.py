@@ -11,6 +11,11 @@ Sources:
     directory written by ``Dataset.save_to_disk``;
   * any other string is a Hugging Face hub dataset id, streamed (online only).
 
+Instruction data (``data.prompt_column`` and ``data.completion_column``, for example
+``flwrlabs/code-alpaca-20k`` with ``instruction,input`` and ``output``) gives one record per row: the prompt
+columns joined by newlines, then the completion, as the ``function`` unit gives a signature and docstring,
+then the body.
+
 Selection fills ``max_bytes`` deterministically: candidates are taken
 round-robin across groups (sorted), each group's files in path order, so a
 small budget still covers many groups. Exact duplicates (by SHA-256) and
@@ -44,12 +49,13 @@ _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 
 @dataclass(frozen=True)
 class Candidate:
-    """A record not yet read: its group, path, size in bytes and a reader."""
+    """A record not yet read: its group, path, size in bytes and a reader (of a source text, or of an instruction
+    row's (prompt, completion))."""
 
     group: str
     path: str
     size: int
-    read: Callable[[], str]
+    read: Callable[[], str | tuple[str, str]]
 
 
 def python_roots(source: str = LOCAL_PYTHON) -> list[Path]:
@@ -108,21 +114,33 @@ def _load_dataset(source: str, split: str):
         raise UserError(f"could not load hub dataset {source!r} ({first_line})") from None
 
 
+def instruction_pair(row: dict, prompt_columns: list[str], completion_column: str) -> tuple[str, str] | None:
+    """(prompt, completion) of an instruction row: the non-empty prompt columns joined by newlines, ending in one."""
+    parts = [row[c] for c in prompt_columns]
+    if not all(isinstance(v, str) for v in [*parts, row[completion_column]]) or not row[completion_column].strip():
+        return None
+    return "\n".join(p.strip() for p in parts if p.strip()) + "\n", row[completion_column]
+
+
 def _dataset_candidates(cfg: DataConfig, counts: Counter) -> list[Candidate]:
     ds = _load_dataset(cfg.source, cfg.split)
     columns = ds.column_names or []
-    for name in filter(None, (cfg.text_column, cfg.group_column)):
+    prompts = cfg.prompt_column.split(",") if cfg.prompt_column else []
+    wanted = [*prompts, cfg.completion_column] if prompts else [cfg.text_column]
+    for name in filter(None, (*wanted, cfg.group_column)):
         if columns and name not in columns:
             raise UserError(f"column {name!r} is not in {cfg.source} (columns: {', '.join(columns)})")
     out, streamed = [], 0
     for i, row in enumerate(ds):
-        text = row[cfg.text_column]
+        pair = instruction_pair(row, prompts, cfg.completion_column) if prompts else None
+        text = "".join(pair) if pair else row[cfg.text_column] if not prompts else None
         if not isinstance(text, str):
             counts["unreadable"] += 1
             continue
         size = len(text.encode("utf-8"))
         group = str(row[cfg.group_column]) if cfg.group_column else "all"
-        out.append(Candidate(group, str(row.get("path") or f"{cfg.source}#{i}"), size, lambda t=text: t))
+        read = (lambda p=pair: p) if pair else (lambda t=text: t)
+        out.append(Candidate(group, str(row.get("path") or f"{cfg.source}#{i}"), size, read))
         streamed += size
         if streamed >= 4 * cfg.max_bytes:  # a hub stream can be terabytes: read a bounded prefix
             break
@@ -168,7 +186,10 @@ def extract_functions(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _records(cand: Candidate, text: str, unit: str) -> list[dict]:
+def _records(cand: Candidate, text: str | tuple[str, str], unit: str) -> list[dict]:
+    if isinstance(text, tuple):  # an instruction row: (prompt, completion)
+        return [{"text": "".join(text), "group": cand.group, "path": cand.path, "prompt": text[0],
+                 "completion": text[1]}]
     if unit == "file":
         return [{"text": text, "group": cand.group, "path": cand.path, "prompt": "", "completion": ""}]
     return [

@@ -5,6 +5,8 @@ A prepared directory holds::
     dataset/       HF Dataset [text, group, path, prompt, completion, n_tokens, topic]
     tokenizer/     HF fast tokenizer (AutoTokenizer.from_pretrained loads it)
     tokens.bin     every document as [BOS] ids [EOS], concatenated (uint16 if the vocab fits)
+    loss_mask.bin  with ``loss_on = "completion"`` only: uint8, aligned with tokens.bin, 1 where a token is
+                   part of a completion (``tokenizer.encode_documents``)
     doc_offsets.npy  int64 [N+1]: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]
     stats.json     counts, tokens_sha256 (the token stream's content hash), the topic classes
                    (topics, topic_histogram, topic_terms: see :mod:`topics`), unigram_entropy (nats, over
@@ -104,13 +106,13 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
     texts = [r["text"] for r in records]
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(texts, cfg.vocab_size)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    docs = encode_documents(tokenizer, texts)
+    prompts = [r["prompt"] for r in records] if cfg.loss_on == "completion" else None
+    docs, masks = encode_documents(tokenizer, texts, prompts)
     offsets = np.zeros(len(docs) + 1, np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    flat = np.memmap(tmp / "tokens.bin", dtype=token_dtype(len(tokenizer)), mode="w+", shape=(int(offsets[-1]),))
-    for doc, begin in zip(docs, offsets[:-1]):
-        flat[begin : begin + len(doc)] = doc
-    flat.flush()
+    flat = _write_stream(tmp / "tokens.bin", docs, offsets, token_dtype(len(tokenizer)))
+    if masks is not None:
+        _write_stream(tmp / "loss_mask.bin", masks, offsets, np.uint8)
     np.save(tmp / "doc_offsets.npy", offsets)
     columns = {k: [r[k] for r in records] for k in ("text", "group", "path", "prompt", "completion")}
     columns["n_tokens"] = np.diff(offsets).tolist()
@@ -145,6 +147,20 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
         "config": dataclasses.asdict(cfg),
     }
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def _write_stream(path: Path, docs: list[np.ndarray], offsets: np.ndarray, dtype) -> np.memmap:
+    flat = np.memmap(path, dtype=dtype, mode="w+", shape=(int(offsets[-1]),))
+    for doc, begin in zip(docs, offsets[:-1]):
+        flat[begin : begin + len(doc)] = doc
+    flat.flush()
+    return flat
+
+
+def load_loss_mask(out: Path) -> np.ndarray | None:
+    """The prepared data's loss mask (``loss_on = "completion"``), aligned with its tokens, or None."""
+    path = Path(out) / "loss_mask.bin"
+    return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
 
 
 def load_prepared(out: Path):

@@ -15,7 +15,7 @@ import numpy as np
 from fedjax_code.cache import building, cache_root
 from fedjax_code.config import ExperimentConfig, FederatedConfig, config_hash
 from fedjax_code.data.partition import partition_hash, partition_prepared, read_partition, write_partition
-from fedjax_code.data.prepare import load_prepared, prepare, read_stats, tokens_sha256
+from fedjax_code.data.prepare import load_loss_mask, load_prepared, prepare, read_stats, tokens_sha256
 from fedjax_code.data.shards import ClientShards, build_shards
 from fedjax_code.data.tokenizer import load_tokenizer, tokenizer_sha256
 from fedjax_code.errors import UserError
@@ -113,7 +113,8 @@ def client_data(cfg: ExperimentConfig, progress: bool = True, pre: Pretrained | 
     shard_dir = data_dir / "shards" / key
     if not (shard_dir / "tokens.bin").is_file():
         _, _, tokens, offsets = load_prepared(data_dir)
-        build_shards(tokens, offsets, np.asarray(doc["example_client"]), shard_dir, cfg.partition.heldout_frac)
+        build_shards(tokens, offsets, np.asarray(doc["example_client"]), shard_dir, cfg.partition.heldout_frac,
+                     loss_mask=load_loss_mask(data_dir))
     examples = np.array([c["n_examples"] for c in doc["clients"]], np.float32)
     provenance = DataProvenance(tokens_sha256(data_dir), partition_hash(doc), len(examples),
                                 read_stats(data_dir)["vocab_size"], doc["unigram_entropy"], doc["heterogeneity"],

@@ -95,8 +95,13 @@ class Simulation:
         self.eval_chunk = max(1, EVAL_CHUNK_WINDOWS // windows)
 
     def loss(self, base):
-        """loss(trainable, batch) of the model ``lora.join(base, trainable)``."""
-        return lambda trainable, batch: loss_fn(lora.join(base, trainable), self.model, batch)
+        """loss(trainable, batch) of the model ``lora.join(base, trainable)``; a batch is token windows [B, T+1],
+        or (windows, their loss mask) when the data trains on completions only (``data.loss_on``)."""
+        def loss(trainable, batch):
+            tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+            return loss_fn(lora.join(base, trainable), self.model, tokens, None if mask is None else mask[..., 1:])
+
+        return loss
 
     def _round(self, base, server, clients, cohort):
         """One round (jitted with the server and client states donated); ``base`` is a traced argument, so the
@@ -115,9 +120,12 @@ class Simulation:
                                      f.weighted_sampling, f.dropout)
         steps = fl.local_steps(self.cfg.seed, round_, ids, f.local_steps, f.local_steps_mode, self.examples)
         ids = np.asarray(ids)
-        batches = self.shards.sample(ids, round_, f.local_steps, f.batch_size, f.seq_len)
+        batches = jnp.asarray(self.shards.sample(ids, round_, f.local_steps, f.batch_size, f.seq_len))
+        if self.shards.loss_mask is not None:
+            loss_mask = self.shards.sample(ids, round_, f.local_steps, f.batch_size, f.seq_len, self.shards.loss_mask)
+            batches = (batches, jnp.asarray(loss_mask, jnp.uint8))
         weights = fl.client_weights(self.examples[ids], f.weighting)
-        cohort = fl.Cohort(jnp.asarray(ids), mask, weights, jnp.asarray(batches), steps)
+        cohort = fl.Cohort(jnp.asarray(ids), mask, weights, batches, steps)
         return fl.shard_cohort(fl.pad_cohort(cohort, self.mesh.size), self.mesh)
 
     def evaluate(self, trainable) -> dict:
