@@ -187,6 +187,11 @@ def _sweep(args) -> None:
     from fedjax_code.experiments.sweep import load_spec, run_sweep
 
     spec = load_spec(args.config, args.overrides)
+    if args.dry_run:
+        _print_dry_run(spec)
+        return
+    if args.out is None:
+        raise UserError("sweep needs --out (the sweep directory), unless it is a --dry-run")
     began = time.perf_counter()
     outcomes = run_sweep(spec, args.out, force=args.force, retry_failed=args.retry_failed, progress=not args.quiet,
                          log=lambda line: print(line, file=sys.stderr))
@@ -194,6 +199,22 @@ def _sweep(args) -> None:
     print(f"sweep {spec['name']}: {len(outcomes) - len(failed)} of {len(outcomes)} cells finished, "
           f"{len(failed)} failed, {time.perf_counter() - began:.0f} s", file=sys.stderr)
     _print_report(write_report(args.out))
+
+
+def _print_dry_run(spec: dict) -> None:
+    """One JSON line per cell, then a table (to stderr)."""
+    from fedjax_code.experiments.sweep import dry_run
+
+    rows = dry_run(spec)
+    for row in rows:
+        print(json.dumps(row))
+    print(f"{'cell':<58} {'model':<38} {'params':>14} {'trainable':>12} {'rounds':>6} {'tokens':>12} "
+          f"{'train FLOPs':>11}", file=sys.stderr)
+    for r in rows:
+        print(f"{r['id']:<58} {r['model']:<38} {r['params']:>14,} {r['params_trainable']:>12,} {r['rounds']:>6} "
+              f"{r['tokens']:>12,} {r['train_flops']:>11.3g}", file=sys.stderr)
+    print(f"{len(rows)} cells, {sum(r['train_flops'] for r in rows):.3g} training FLOPs in all (6N + attention per "
+          "token, forward and backward)", file=sys.stderr)
 
 
 def _report(args) -> None:
@@ -301,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sweep", help="train and evaluate a grid of runs, then write the report")
     p.add_argument("--config", required=True, help="a preset name (cpu-demo, clients-vs-size, algorithms, gpu-...) "
                    "or a sweep TOML file")
-    p.add_argument("--out", type=Path, required=True, help="sweep directory (a rerun resumes it)")
+    p.add_argument("--out", type=Path, default=None, help="sweep directory (a rerun resumes it)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their parameters and estimated training "
+                   "FLOPs, from the spec alone (no data, weights or network), and stop")
     p.add_argument("--force", action="store_true", help="delete what --out holds and start over")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

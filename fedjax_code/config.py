@@ -50,6 +50,8 @@ class DataConfig:
     prompt_column: str | None = None      # instruction data: the prompt's column(s), comma-separated, joined by newlines
     completion_column: str | None = None  # ... and the response's column: each row is one prompt/completion record
     loss_on: str = "all"                  # "completion": train on completion tokens only (unit function, or the above)
+    document_prefix: str = "bos"          # before each document: "bos", or "tokenizer" (what it adds to any text;
+                                          # a pretrained model's convention, set for it by model.pretrained)
 
     def __post_init__(self):
         _require(self.unit in UNITS, f"unit must be one of {', '.join(UNITS)}, not {self.unit!r}")
@@ -60,6 +62,8 @@ class DataConfig:
         _require(self.topics >= 1, f"topics must be at least 1, not {self.topics}")
         _require((self.prompt_column is None) == (self.completion_column is None),
                  "data.prompt_column and data.completion_column go together (instruction data needs both)")
+        _require(self.document_prefix in ("bos", "tokenizer"),
+                 f"data.document_prefix must be bos or tokenizer, not {self.document_prefix!r}")
         _require(self.loss_on in ("all", "completion"), f"data.loss_on must be all or completion, not {self.loss_on!r}")
         _require(self.loss_on == "all" or self.unit == "function" or self.completion_column is not None,
                  "data.loss_on = 'completion' needs prompt/completion pairs: data.unit = 'function' or instruction "

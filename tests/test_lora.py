@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_code.models import ModelConfig, ModelConfigError, init_params, logits, loss_fn, num_params
+from fedjax_code.models import ModelConfig, ModelConfigError, init_params, logits, loss_fn, num_params, param_count
 from fedjax_code.models import lora
 
 BASE = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
@@ -32,6 +32,9 @@ def test_a_new_adapter_gives_the_base_logits_exactly():
     np.testing.assert_array_equal(logits(LORA, lora.join(base, adapters), TOKENS), logits(BASE, base, TOKENS))
     # 2 layers x r=4 x (in + out) per target: q 32->32, k/v 32->16, o 32->32, gate/up 32->64, down 64->32
     assert num_params(adapters) == 2 * 4 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+    counts = param_count(LORA)
+    assert counts["params_lora"] == counts["params_trainable"] == num_params(adapters)
+    assert counts["params_total"] == num_params(base) and param_count(BASE)["params_trainable"] == num_params(base)
 
 
 def test_merged_model_equals_unmerged():

@@ -60,7 +60,7 @@ def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eva
         nll_per_task=nll, decode_tokens_per_s=99.0, n=n, problems=len(passes)))
 
 
-def make_sweep(root, cells, target=3.0, bootstrap=200, write_cells=True):
+def make_sweep(root, cells, target=3.0, bootstrap=200, write_cells=True, scale_axis=None):
     """sweep.json for ``cells`` = [(axes overrides, _write_cell kwargs or None for a cell never started)]."""
     listed = []
     for i, (axes, kwargs) in enumerate(cells):
@@ -70,7 +70,7 @@ def make_sweep(root, cells, target=3.0, bootstrap=200, write_cells=True):
             _write_cell(root / "cells" / cid, axes, **kwargs)
     grid = {a: sorted({c["axes"][a] for c in listed}) for a in DEFAULT_AXES}
     spec = {"grid": grid, "budget": {"kind": "rounds", "value": 4}, "eval": {"n": 10, "k": [1, 10], "problems": None},
-            "report": {"target_loss": target, "bootstrap": bootstrap}}
+            "report": {"target_loss": target, "bootstrap": bootstrap}, **({"scale_axis": scale_axis} if scale_axis else {})}
     _dump(root / "sweep.json", {"name": "test sweep", "description": "a synthetic sweep", "spec": spec,
                                 "cells": listed})
     return root
@@ -120,6 +120,30 @@ def test_clear_winner_collapses_the_ci(tmp_path):
     assert group["agreement"] == 1.0 and group["values"]["0.5"] == pytest.approx(0.1)
 
 
+def test_a_lora_rank_axis_is_named_and_sized_by_its_adapters(tmp_path):
+    cells = []
+    for rank, solved in ((4, 1), (16, len(TASKS)), (64, 2)):
+        passes = {t: int(i < solved) for i, t in enumerate(TASKS)}
+        cells.append(({"scale": rank}, {"params": 135_000_000, "passes": passes}))
+    sweep = make_sweep(tmp_path, cells, scale_axis={"key": "model.lora_rank", "label": "LoRA rank", "models": {}})
+    for rank, cell in zip((4, 16, 64), sorted((sweep / "cells").iterdir())):
+        summary = json.loads((cell / "run" / "summary.json").read_text())
+        summary["model"]["params_trainable"] = 10_000 * rank  # the adapters grow with the rank, the base does not
+        (cell / "run" / "summary.json").write_text(json.dumps(summary))
+    out = write_report(sweep)
+    assert "the LoRA rank that maximises HumanEval pass@10 is 16 on iid data" in out["answer"]
+    assert "The scale axis is the LoRA rank (`model.lora_rank`) (`params` counts the trained adapters)" in \
+        (tmp_path / "report.md").read_text()
+    assert sorted(int(r.split(",")[0]) for r in _csv_column(tmp_path, "params")) == [40_000, 160_000, 640_000]
+
+
+def _csv_column(root, name):
+    import csv
+
+    with open(root / "results.csv") as f:
+        return [row[name] for row in csv.DictReader(f)]
+
+
 def test_close_scales_give_a_ci_spanning_both():
     problems = 40
     a = np.zeros(problems)
@@ -144,8 +168,8 @@ def test_zero_pass_everywhere_ranks_by_nll(tmp_path):
     cells = [({"scale": s}, {"params": p, "passes": {t: 0 for t in TASKS}, "nll": {t: v for t in TASKS}})
              for s, p, v in ((0.5, 250_000, 2.0), (1.0, 1_000_000, 1.2), (2.0, 4_000_000, 1.5))]
     out = write_report(make_sweep(tmp_path, cells))
-    assert "pass@10 is 0 at every scale on iid data, so scales are ranked by HumanEval NLL instead: the best is 1 on " \
-           "iid data" in out["answer"]
+    assert "pass@10 is 0 at every scaling factor on iid data, so the scaling factors are ranked by HumanEval NLL " \
+           "instead: the best is 1 on iid data" in out["answer"]
     group = _answer(tmp_path)["groups"][0]
     assert group["metric"] == "humaneval_nll" and group["nll_because"] == "zero" and group["ci"] == [1.0, 1.0]
 

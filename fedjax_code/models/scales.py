@@ -168,7 +168,9 @@ def param_count(config: ModelConfig) -> dict[str, int]:
     """Exact parameter counts of ``Decoder(config)``.
 
     ``params_non_embedding`` excludes the vocabulary matrices (embed_tokens and, if untied, lm_head),
-    following Kaplan et al. 2020; it includes the RMSNorm scales.
+    following Kaplan et al. 2020; it includes the RMSNorm scales. ``params_total`` counts the model without
+    LoRA adapters; ``params_lora`` counts the adapters (r x (in + out) per adapted projection), and
+    ``params_trainable`` is what training updates and sends: the adapters when there are any, else the model.
     """
     c = config
     q_width, kv_width = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -177,7 +179,10 @@ def param_count(config: ModelConfig) -> dict[str, int]:
     layer = attn + 3 * c.d_model * c.d_ff + 2 * c.d_model  # + SwiGLU + two norms
     non_embedding = c.n_layers * layer + c.d_model  # + final norm
     vocab = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
-    return {"params_total": non_embedding + vocab, "params_non_embedding": non_embedding}
+    lora = c.n_layers * c.lora_rank * sum(sum(c.linear_shape(t)) for t in c.lora_targets) if c.lora_rank else 0
+    total = non_embedding + vocab
+    return {"params_total": total, "params_non_embedding": non_embedding, "params_lora": lora,
+            "params_trainable": lora or total}
 
 
 def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
