@@ -60,7 +60,7 @@ def test_dry_run_lists_pretrained_cells_offline_without_weights(monkeypatch):
     assert code == 0 and len(out.splitlines()) == 6 and "6 cells" in err
     ranks = [json.loads(line) for line in out.splitlines()]
     assert [r["params_trainable"] for r in ranks[::2]] == [230_400, 921_600, 3_686_400]  # 30 layers x r x (576+192)x2
-    code, _, err = cli("sweep", "--config", "cpu-pretrained", "architectures={}")
+    code, _, err = cli("sweep", "--config", "cpu-pretrained", "--dry-run", "architectures={}")
     assert code == 2 and "records no architecture for the pretrained model 'smollm2-135m-instruct'" in err
 
 
