@@ -1,11 +1,12 @@
 """Throughput of one jitted federated round (FedAvg, client SGD): JSON lines, then a table.
 
 For every (scale, cohort C, per-client batch B) it builds a random-token Cohort [C, E, B, T+1], compiles
-``jit_round(fedavg(...))`` with one warm-up call, then times ``--rounds`` rounds (each fed the previous
-round's output state, since the round donates its inputs) and reports the median wall time.
+the jitted ``fedavg(...).apply`` (state donated, the frozen base an argument as in training) with one
+warm-up call, then times ``--rounds`` rounds (each fed the previous round's output state, since the round
+donates its inputs) and reports the median wall time.
 
-Each configuration runs three ways on the same data: the engine's round (``jit_round(fedavg(..., parallel=P))``
-with P = ``parallel_clients`` of the config: how many clients train at once), the same round with all C clients
+Each configuration runs three ways on the same data: the engine's round (``fedavg(..., parallel=P)``, with
+P = ``parallel_clients`` of the config: how many clients train at once), the same round with all C clients
 in one vmap, and a FedJAX-style loop. The three alternate, so background load hits them alike.
 
 Metrics (one JSON object per configuration on stdout, flushed as it goes; comments go to stderr):
@@ -61,7 +62,7 @@ import optax  # noqa: E402
 
 from fedjax_code.config import FederatedConfig  # noqa: E402
 from fedjax_code.experiments.components import parallel_clients  # noqa: E402
-from fedjax_code.federated import Cohort, aggregate, client_optimizer, client_update, fedavg, jit_round  # noqa: E402
+from fedjax_code.federated import Cohort, aggregate, client_optimizer, client_update, fedavg  # noqa: E402
 from fedjax_code.federated.algorithms import server_step  # noqa: E402
 from fedjax_code.models import (flops_per_token, get_preset, init_params, load_pretrained, lora, loss_fn,  # noqa: E402
                                 model_info, num_params)

@@ -8,8 +8,8 @@
     summary.json    records.RunSummary, written when the run finishes
 
 ``load_trained`` needs only these files, and the base's source for a LoRA run (checked by its hash; the
-checkpoints hold the adapters, never copies of the base). ``train --resume`` compares the hashes of the data it is about
-to train on with the ones recorded here (``check_same_data``).
+checkpoints hold the adapters, never copies of the base). ``train --resume`` compares the hashes of the data
+it is about to train on with the ones recorded here (``check_same_data``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-
 
 from fedjax_code.checkpoint import Checkpointer
 from fedjax_code.config import ExperimentConfig, experiment_from_dict

@@ -170,10 +170,10 @@ def cells(spec: dict) -> list[dict]:
     if defaults["partition"] in ("dirichlet", "size"):
         defaults["partition"] += f"-{base.partition.alpha:g}"
     values = [spec["grid"].get(axis, [defaults[axis]]) for axis in AXES]
+    prefix = SCALE_KEYS[spec.get("scale_axis", {}).get("key", "model.scale")]
     out = []
     for combo in itertools.product(*values):
         axes = dict(zip(AXES, combo))
-        prefix = SCALE_KEYS[spec.get("scale_axis", {}).get("key", "model.scale")]
         cell_id = (f"{axes['partition']}_p{axes['participation']:g}_{axes['algorithm']}_k{axes['clients']}"
                    f"_{prefix}{axes['scale']:g}_seed{axes['seed']}")
         out.append({"id": cell_id, "axes": axes})
@@ -191,8 +191,9 @@ def cell_config(spec: dict, axes: dict, vocab_size: int | None, client_lr: float
     d["seed"] = axes["seed"]
     d.setdefault("data", {}).update(clients=axes["clients"], **partition_keys(axes["partition"]))
     key, scale = spec["scale_axis"]["key"], axes["scale"]
-    d.setdefault("model", {})[key.split(".")[1]] = {"model.scale": scale, "model.lora_rank": int(scale),
-                                                    "model.pretrained": spec["scale_axis"]["models"].get(f"{scale:g}")}[key]
+    if key == "model.pretrained":
+        scale = spec["scale_axis"]["models"][f"{scale:g}"]
+    d.setdefault("model", {})[key.split(".")[1]] = int(scale) if key == "model.lora_rank" else scale
     d.setdefault("federated", {}).update(participation=axes["participation"], algorithm=axes["algorithm"])
     d["federated"].update(spec["per_algorithm"].get(axes["algorithm"], {}))
     if client_lr is not None:
