@@ -281,3 +281,14 @@ def test_noniid_gap_against_seed_spread():
     one_seed = noniid_gaps([r for r in rows if r["seed"] == 0], "humaneval_nll")
     assert all(g["spread"] is None and g["real"] is None for g in one_seed)
     assert "one seed" in gap_sentence([r for r in rows if r["seed"] == 0])
+
+
+def test_a_tie_at_the_top_is_stated_by_pass_at_k_with_a_ci_spanning_the_tied_scales(tmp_path):
+    """The NLL fallback is only for pass@k = 0 everywhere; a tie shows in the CI instead."""
+    cells = [({"scale": s}, {"params": p, "passes": {t: int(i < solved) for i, t in enumerate(TASKS)}})
+             for s, p, solved in ((0.5, 250_000, 1), (1.0, 1_000_000, 3), (2.0, 4_000_000, 3))]
+    out = write_report(make_sweep(tmp_path, cells))
+    group = _answer(tmp_path)["groups"][0]
+    assert group["metric"] == "pass@10" and group["nll_because"] is None
+    assert group["optimal"] == 1.0 and group["ci"][0] <= 1.0 and group["ci"][1] == 2.0  # spans the tied 1 and 2
+    assert "the scaling factor that maximises HumanEval pass@10 is 1 on iid data" in out["answer"]

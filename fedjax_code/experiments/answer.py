@@ -1,6 +1,7 @@
-"""The sweep's answer: per group of cells, the scaling factor that maximises HumanEval pass@k, with a
-bootstrap CI over problems and seeds (``fits.bootstrap_optimum``), or the one that minimises the
-canonical-solution NLL when pass@k is 0 everywhere or ties at the top; and the sentence that says so.
+"""The sweep's answer: per group of cells, the scale (a factor, a LoRA rank or a named model) that maximises
+HumanEval pass@k, with a bootstrap CI over problems and seeds (``fits.bootstrap_optimum``; a tie at the top
+shows as a CI spanning the tied scales), or the one that minimises the canonical-solution NLL only when
+pass@k is 0 everywhere; and the sentence that says so.
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ def _values(cells, metric: str) -> tuple[np.ndarray, list[float]]:
 
 
 def answer_group(cells, resamples: int) -> dict:
-    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere or ties at the top."""
+    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere."""
     rows = [r for r, _ in cells]
     metric = pass_metric(rows)
     result = fits.bootstrap_optimum(*_values(cells, metric), True, resamples)
-    means = sorted((v for v in result["values"].values() if np.isfinite(v)), reverse=True) or [0.0]
-    reason = "zero" if means[0] == 0 else "tie" if len(means) > 1 and np.isclose(means[0], means[1]) else None
+    best = max((v for v in result["values"].values() if np.isfinite(v)), default=0.0)
+    reason = "zero" if best == 0 else None
     if reason:
         result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
     return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else metric,
@@ -127,9 +128,8 @@ def sentences(groups: list[dict], label: str = "scaling factor") -> list[str]:
         if reason is None:
             out.append(f"{prefix}, the {label} that maximises HumanEval {metric} is {clauses}.")
             continue
-        why = f"{metric} is 0 at every {label}" if reason == "zero" else f"{metric} ties between the best values"
-        out.append(f"{prefix}, {why} on {_join([g['partition'] for g in gs])} data, so the {label}s are ranked by "
-                   f"HumanEval NLL instead: the best is {clauses}.")
+        out.append(f"{prefix}, {metric} is 0 at every {label} on {_join([g['partition'] for g in gs])} data, so the "
+                   f"{label}s are ranked by HumanEval NLL instead: the best is {clauses}.")
     return out
 
 
