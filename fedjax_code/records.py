@@ -95,6 +95,7 @@ class RunSummary:
     model: dict                # models.model_info of the trained model
     config: dict               # the run's TOML-shaped config
     data: dict                 # rundir.DataProvenance of the data it trained on
+    initial_eval_loss: float | None = None  # held-out loss before round 1 (a pretrained model's own)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,8 @@ def test_a_lora_run_trains_sends_and_checkpoints_only_its_adapters(pretrained_di
     assert adapter_bytes < num_params(pre.params) * 4 / 20
     assert all(r["bytes_down"] == 4 * adapter_bytes for r in rows)  # 4 clients selected, adapters only
     assert rows[-1]["eval_loss"] < rows[1]["eval_loss"]  # it learns
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert summary["initial_eval_loss"] > rows[-1]["eval_loss"]  # the pretrained model before round 1
     base = json.loads((lora_run / "config.json").read_text())["base"]
     assert base == {"source": str(pretrained_dir), "sha256": components.params_sha256(pre.params)}
     run = load_trained(lora_run)

@@ -25,8 +25,8 @@ from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, read_j
 
 AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png", "lr_tuning.png")
-MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "final_eval_loss", "unigram_entropy", "heterogeneity",
-              "humaneval_nll", "pass@1", "pass@10", "pass@10_ci", "rounds_to_target")
+MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "initial_eval_loss", "final_eval_loss", "unigram_entropy",
+              "heterogeneity", "humaneval_nll", "pass@1", "pass@10", "pass@10_ci", "rounds_to_target")
 DATA_COLUMNS = ("unigram_entropy", "heterogeneity", "heterogeneity_floor", "label_distance", "tokens_sha256",
                 "partition_sha256")  # from the run's rundir.DataProvenance
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
@@ -93,6 +93,7 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
     row.update({"params": m.get("params_trainable", m["params_total"]) if trainable_size else m["params_total"],
                 "model_mb": m["size_mb"]["fp32"], "tokens_seen": s.tokens_seen,
                 "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
+                "initial_eval_loss": "" if s.initial_eval_loss is None else s.initial_eval_loss,
                 "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
                 "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
                 "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.train_tokens_per_s,

@@ -31,6 +31,7 @@ from fedjax_code.models import lora, loss_fn, model_info, num_params
 from fedjax_code.records import RoundRecord, RunSummary, read_json, read_jsonl, to_dict, write_json
 
 EVAL_CHUNK_WINDOWS = 32  # held-out windows evaluated per jitted call
+INITIAL_EVAL = "initial_eval.json"  # the held-out evaluation before round 1
 
 
 def _open_run_dir(out: Path, cfg: ExperimentConfig, resume: bool, force: bool) -> None:
@@ -163,6 +164,8 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
     start = ckpt.latest_round() or 0
     if start:
         server, clients, _ = ckpt.restore(start, server, clients)
+    elif not (out / INITIAL_EVAL).is_file():  # the model before any round: a pretrained model's own loss
+        write_json(out / INITIAL_EVAL, sim.evaluate(server.params))
     _truncate_metrics(out / "metrics.jsonl", start)
     _run_rounds(sim, out, ckpt, *sim.place((server, clients)), start, progress)
     ckpt.close()
@@ -212,6 +215,8 @@ def _summary(sim: Simulation, out: Path) -> RunSummary:
     timed = [r for r in rows if not r.includes_compile] or rows  # compile time is not throughput
     return RunSummary(
         rounds=rows[-1].round, final_train_loss=rows[-1].train_loss, eval_loss=last_eval.eval_loss,
+        initial_eval_loss=json.loads((out / INITIAL_EVAL).read_text())["eval_loss"] if (out / INITIAL_EVAL).is_file()
+        else None,
         client_eval_loss_mean=last_eval.client_eval_loss_mean,
         client_eval_loss_worst10=last_eval.client_eval_loss_worst10,
         client_eval_loss_std=last_eval.client_eval_loss_std, tokens_seen=rows[-1].tokens_seen,
