@@ -86,7 +86,7 @@ def noniid_gaps(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-def gap_sentence(rows: list[dict]) -> str:
+def gap_sentence(rows: list[dict], label: str = "scale") -> str:
     """The non-IID penalty in HumanEval NLL (the one evaluation set every partition shares) at the largest scale."""
     gaps = noniid_gaps(rows, "humaneval_nll")
     if not gaps:
@@ -97,7 +97,7 @@ def gap_sentence(rows: list[dict]) -> str:
         verdict = ("one seed, so its spread is unknown" if g["real"] is None else
                    f"seed spread {g['spread']:.3f}: {'beyond' if g['real'] else 'within'} the spread")
         parts.append(f"{g['partition']} {g['gap']:+.3f} nats ({verdict})")
-    return (f"At scale {top:g}, non-IID minus IID HumanEval NLL (the one evaluation set all partitions share) is "
+    return (f"At {label} {top:g}, non-IID minus IID HumanEval NLL (the one evaluation set all partitions share) is "
             f"{_join(parts)}.")
 
 

@@ -421,7 +421,7 @@ def write_report(sweep_dir) -> dict:
     varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
     resamples = sweep["spec"]["report"]["bootstrap"]
     groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
-    answer = " ".join(filter(None, [*sentences(groups, scale_axis(sweep)["label"]), gap_sentence(rows),
+    answer = " ".join(filter(None, [*sentences(groups, scale_axis(sweep)["label"]), gap_sentence(rows, scale_axis(sweep)["label"]),
                                     before_sentence(_before(root), resamples)]))
     write_atomic(root / "results.csv", _csv(rows))
     plots = root / "plots"
