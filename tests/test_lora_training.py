@@ -5,10 +5,8 @@ transformers and PEFT."""
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ from fedjax_code.models import ModelConfig, Pretrained, init_params, logits, los
 from fedjax_code.models.pretrained import save_own
 from fedjax_code.rundir import load_trained
 from tests.test_federated import close, equal
-from tests.test_train import TINY, metrics, tiny
+from tests.test_train import TINY, kill_after_checkpoint, metrics, tiny
 
 BASE = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
 LORA = dataclasses.replace(BASE, lora_rank=4, lora_alpha=8.0, lora_targets=("q", "v", "down"))
@@ -170,15 +168,7 @@ def test_a_lora_run_trains_sends_and_checkpoints_only_its_adapters(pretrained_di
 
 def test_a_killed_lora_run_resumes_bit_identical(pretrained_dir, lora_run, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY,
-           f"model.pretrained={pretrained_dir}", *LORA_RUN, "train.checkpoint_every=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(out, f"model.pretrained={pretrained_dir}", *LORA_RUN, "train.checkpoint_every=1")
     cfg = lora_cfg(pretrained_dir, "train.checkpoint_every=1")
     train(cfg, out, resume=True, progress=False)
     assert metrics(out) == metrics(lora_run)

@@ -80,17 +80,22 @@ def test_same_seed_same_metrics_other_seed_differs(uninterrupted, tmp_path):
     assert metrics(tmp_path / "c") != metrics(uninterrupted)
 
 
-def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY,
-           "federated.rounds=4", "train.checkpoint_every=1"]
+def kill_after_checkpoint(out, *overrides, checkpoint=2):
+    """Start ``fedjax-code train`` on TINY + ``overrides`` into ``out`` and kill -9 it once checkpoint
+    ``checkpoint`` exists."""
+    cmd = [sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY, *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+    while not (out / "checkpoints" / str(checkpoint)).is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    kill_after_checkpoint(out, "federated.rounds=4", "train.checkpoint_every=1")
     with pytest.raises(UserError, match="unfinished run"):
         train(tiny("train.checkpoint_every=1"), out, progress=False)
     train(tiny("train.checkpoint_every=1"), out, resume=True, progress=False)
