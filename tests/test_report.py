@@ -10,7 +10,8 @@ import pytest
 from fedjax_code.errors import UserError
 from fedjax_code.eval.metrics import pass_at_k
 from fedjax_code.experiments import fits
-from fedjax_code.experiments.report import results_rows, write_report
+from fedjax_code.experiments.report import write_report
+from fedjax_code.experiments.results import results_rows
 from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, to_dict, write_json
 
 DEFAULT_AXES = {"scale": 1.0, "partition": "iid", "participation": 0.25, "algorithm": "fedavg", "clients": 16,

@@ -16,120 +16,17 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from fedjax_code.errors import UserError
 from fedjax_code.experiments import fits
 from fedjax_code.experiments.answer import (GROUP_AXES, answer_group, before_sentence, gap_sentence, has_value,
-                                           noniid_gaps, pass_metric, pass_with_ci, sentences)
+                                           noniid_gaps, pass_metric, sentences)
+from fedjax_code.experiments.results import AXES, before_results, load_sweep, round_records, scale_axis, scan
 from fedjax_code.experiments.tuning import read_chosen
-from fedjax_code.records import HumanEvalRecord, RoundRecord, RunSummary, read_json, read_jsonl, write_atomic
+from fedjax_code.records import write_atomic
 
-AXES = ("scale", "partition", "participation", "algorithm", "clients", "seed")
 PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png", "lr_tuning.png")
 MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "initial_eval_loss", "final_eval_loss", "unigram_entropy",
               "heterogeneity", "humaneval_nll", "pass@1", "pass@10", "pass@10_ci", "rounds_to_target")
-DATA_COLUMNS = ("unigram_entropy", "heterogeneity", "heterogeneity_floor", "label_distance", "tokens_sha256",
-                "partition_sha256")  # from the run's rundir.DataProvenance
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
-
-
-def _json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
-def load_sweep(sweep_dir) -> dict:
-    """The sweep.json of ``sweep_dir``."""
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.is_file():
-        raise UserError(f"{sweep_dir} is not a sweep directory (it has no sweep.json)")
-    try:
-        return _json(path)
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON") from None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def round_records(cell_dir: Path) -> list[RoundRecord]:
-    """The metrics.jsonl rows of a cell's run."""
-    return read_jsonl(RoundRecord, Path(cell_dir) / "run" / "metrics.jsonl")
-
-
-def _results(eval_dir: Path) -> list[dict]:
-    """The results.jsonl rows of an evaluation directory (none when it has no such file)."""
-    path = Path(eval_dir) / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _before(root: Path) -> dict[str, list[dict]]:
-    """source -> results of each pretrained model evaluated before fine-tuning (``sweep.evaluate_before``)."""
-    out = {}
-    for record in sorted((root / "before").glob("*/humaneval.json")):
-        out[read_json(HumanEvalRecord, record).model or record.parent.name] = _results(record.parent)
-    return out
-
-
-def scale_axis(sweep: dict) -> dict:
-    """The sweep's ``scale_axis`` (``key`` and ``label``; sweeps written before it scale ``model.scale``)."""
-    return sweep.get("spec", {}).get("scale_axis") or {"key": "model.scale", "label": "scaling factor"}
-
-
-def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> dict:
-    """One finished cell's results. ``params`` is the trainable size when the scale axis is a LoRA rank (the
-    base is the same in every cell), else the model's."""
-    s = read_json(RunSummary, cell_dir / "run" / "summary.json")
-    he = read_json(HumanEvalRecord, cell_dir / "humaneval" / "humaneval.json")
-    m = s.model
-    hits = [r.round for r in round_records(cell_dir) if r.eval_loss is not None and r.eval_loss <= target]
-    row = {"cell": cell["id"], **{a: cell["axes"].get(a) for a in AXES}}
-    row.update({k: v for k, v in _flatten(s.config).items() if k not in row})
-    results = _results(cell_dir / "humaneval")
-    cis = {k: pass_with_ci(results, k, 1000) for k in (1, 10)}
-    row.update({f"pass@{k}_ci": f"{got[1][0]:.3f}-{got[1][1]:.3f}" if got else "" for k, got in cis.items()})
-    row.update({"params": m.get("params_trainable", m["params_total"]) if trainable_size else m["params_total"],
-                "model_mb": m["size_mb"]["fp32"], "tokens_seen": s.tokens_seen,
-                "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
-                "initial_eval_loss": "" if s.initial_eval_loss is None else s.initial_eval_loss,
-                "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
-                "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
-                "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.train_tokens_per_s,
-                "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
-                **{k: s.data[k] for k in DATA_COLUMNS}})
-    return row
-
-
-def _scan(root: Path, sweep: dict) -> tuple[list[tuple[dict, Path]], list[dict]]:
-    """([(row, cell dir)] of finished cells, [{id, status, error}] of the others), in grid order."""
-    target = sweep["spec"]["report"]["target_loss"]
-    trainable_size = scale_axis(sweep)["key"] == "model.lora_rank"
-    done, missing = [], []
-    for cell in sweep.get("cells", []):
-        cell_dir = root / "cells" / cell["id"]
-        try:
-            info = _json(cell_dir / "cell.json") if (cell_dir / "cell.json").is_file() else {"status": "not started"}
-        except ValueError:
-            info = {"status": "unreadable", "error": "its cell.json is not valid JSON"}
-        status, error = info.get("status", "unknown"), info.get("error")
-        outputs = all((cell_dir / p).is_file() for p in ("run/summary.json", "humaneval/humaneval.json"))
-        if status == "done" and not outputs:
-            status, error = "incomplete", "cell.json says done but summary.json or humaneval.json is missing"
-        elif status == "done":
-            try:
-                done.append(({**_row(cell_dir, cell, target, trainable_size), "lr_tuned": info.get("lr_tuned", False)}, cell_dir))
-                continue
-            except (KeyError, TypeError, ValueError) as err:
-                status, error = "unreadable", f"its summary.json or humaneval.json could not be read ({err!r})"
-        missing.append({"id": cell["id"], "status": status, "error": error})
-    return done, missing
-
-
-def results_rows(sweep_dir) -> list[dict]:
-    """One dict per finished cell: id, axes, flattened config and metrics (the columns of results.csv)."""
-    return [row for row, _ in _scan(Path(sweep_dir), load_sweep(sweep_dir))[0]]
 
 
 def _csv(rows: list[dict]) -> str:
@@ -410,7 +307,7 @@ def write_report(sweep_dir) -> dict:
     """
     root = Path(sweep_dir)
     sweep = load_sweep(root)
-    done, missing = _scan(root, sweep)
+    done, missing = scan(root, sweep)
     out = {"report": str(root / "report.md"), "finished": len(done), "missing": missing}
     if not done:
         answer = f"No cell of the sweep has finished yet ({len(missing)} missing), so there is no answer."
@@ -422,7 +319,7 @@ def write_report(sweep_dir) -> dict:
     resamples = sweep["spec"]["report"]["bootstrap"]
     groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
     answer = " ".join(filter(None, [*sentences(groups, scale_axis(sweep)["label"]), gap_sentence(rows, scale_axis(sweep)["label"]),
-                                    before_sentence(_before(root), resamples)]))
+                                    before_sentence(before_results(root), resamples)]))
     write_atomic(root / "results.csv", _csv(rows))
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
