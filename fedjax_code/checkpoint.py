@@ -39,5 +39,9 @@ class Checkpointer:
         restored = self._manager.restore(round_, args=args)
         return restored.state["server"], restored.state["clients"], restored.meta
 
+    def meta(self, round_: int) -> dict:
+        """The JSON ``meta`` saved with ``round_``, without reading the arrays."""
+        return self._manager.restore(round_, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
     def close(self) -> None:
         self._manager.close()

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from fedjax_code.errors import UserError
 from fedjax_code.federated.algorithms import REGISTRY as ALGORITHMS
 from fedjax_code.federated.schedules import SCHEDULES
-from fedjax_code.models.scales import LORA_TARGETS
+from fedjax_code.models.scales import LADDER_FACTORS, LORA_TARGETS
 
 UNITS = ("file", "function")
 SCHEMES = ("iid", "dirichlet", "pathological", "natural", "size")
@@ -150,6 +151,18 @@ class FederatedConfig:
     server_lr_schedule: str = "constant"
     warmup_rounds: int = 0        # linear warm-up of the non-constant schedules (may exceed rounds)
     final_lr_ratio: float = 0.1   # cosine: the last round's lr / the lr
+    qffl_q: float = 0.0           # q-FFL: aggregation weights x (client loss)^q, with any algorithm; 0: off
+    ditto_lambda: float = 0.1     # Ditto: the personal model's pull to the global model
+    fedrep_head: str = "last"     # FedRep: the per-client head; last | none | a regex over param paths (a/b/c)
+    pfedme_lambda: float = 15.0   # pFedMe: the Moreau envelope's lambda
+    pfedme_beta: float = 1.0      # pFedMe: the server's step toward the clients' mean (1: the mean itself)
+    pfedme_inner_steps: int = 5   # pFedMe: gradient steps solving for the personal model at each local step
+    pfedme_lr: float = 0.01       # pFedMe: the learning rate of those inner steps
+    distill_alpha: float = 1.0    # messengers: weight of the mutual KL terms
+    messenger_scale: float = 0.25  # messengers: the messenger's start, a factor of model.base's ladder
+    messenger_max_scale: float = 1.0  # messengers: how far it may grow
+    messenger_growth: str = "plateau"  # messengers: none | plateau (a ladder step when held-out loss stalls)
+    messenger_patience: int = 2   # messengers: evaluations without a 1% improvement before it grows
 
     def __post_init__(self):
         _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}: use one of {', '.join(ALGORITHMS)}")
@@ -173,6 +186,21 @@ class FederatedConfig:
                      f"federated.{name} must be one of {', '.join(SCHEDULES)}, not {getattr(self, name)!r}")
         _require(self.warmup_rounds >= 0, f"warmup_rounds must be >= 0, not {self.warmup_rounds}")
         _require(0 < self.final_lr_ratio <= 1, f"final_lr_ratio must be in (0, 1], not {self.final_lr_ratio}")
+        _require(self.qffl_q >= 0, f"qffl_q must be >= 0 (0: off), not {self.qffl_q}")
+        for name in ("ditto_lambda", "pfedme_lambda", "pfedme_beta", "pfedme_lr"):
+            _require(getattr(self, name) > 0, f"federated.{name} must be positive, not {getattr(self, name)}")
+        _require(self.messenger_scale in LADDER_FACTORS and self.messenger_max_scale in LADDER_FACTORS,
+                 f"messenger_scale and messenger_max_scale must be ladder factors ({', '.join(map(str, LADDER_FACTORS))})")
+        _require(self.messenger_scale <= self.messenger_max_scale, "messenger_scale must not exceed messenger_max_scale")
+        _require(self.messenger_growth in ("none", "plateau"),
+                 f"messenger_growth must be none or plateau, not {self.messenger_growth!r}")
+        _require(self.messenger_patience >= 1 and self.distill_alpha >= 0,
+                 "messenger_patience must be at least 1 and distill_alpha at least 0")
+        _require(self.pfedme_inner_steps >= 1, f"pfedme_inner_steps must be at least 1, not {self.pfedme_inner_steps}")
+        try:
+            re.compile(self.fedrep_head)
+        except re.error as err:
+            raise UserError(f"federated.fedrep_head {self.fedrep_head!r} is not a regular expression ({err})") from None
 
 
 @dataclass(frozen=True)

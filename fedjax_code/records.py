@@ -74,6 +74,11 @@ class RoundRecord:
     client_eval_loss_mean: float | None = None
     client_eval_loss_worst10: float | None = None  # mean of the worst 10% of clients: the fairness view
     client_eval_loss_std: float | None = None
+    personal_eval_loss: float | None = None        # the same four, of each client's personal model on its own
+    personal_client_eval_loss_mean: float | None = None  # held-out split (personalised algorithms only)
+    personal_client_eval_loss_worst10: float | None = None
+    personal_client_eval_loss_std: float | None = None
+    messenger_scale: float | None = None  # messengers: the messenger's ladder factor this round (it may grow)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,10 @@ class RunSummary:
     config: dict               # the run's TOML-shaped config
     data: dict                 # rundir.DataProvenance of the data it trained on
     initial_eval_loss: float | None = None  # held-out loss before round 1 (a pretrained model's own)
+    personal_eval_loss: float | None = None  # personalised algorithms: the personal models' (see RoundRecord)
+    personal_client_eval_loss_mean: float | None = None
+    personal_client_eval_loss_worst10: float | None = None
+    personal_client_eval_loss_std: float | None = None
 
 
 @dataclass(frozen=True)

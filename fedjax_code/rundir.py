@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+
 from fedjax_code.checkpoint import Checkpointer
 from fedjax_code.config import ExperimentConfig, experiment_from_dict
 from fedjax_code.data.tokenizer import load_tokenizer
 from fedjax_code.errors import UserError
-from fedjax_code.federated import build_algorithm
-from fedjax_code.models import loss_fn, lora
+from fedjax_code.federated import Models, algorithm_spec, build_algorithm
+from fedjax_code.models import init_params, loss_fn, lora
 from fedjax_code.records import from_dict, write_json
 
 
@@ -119,9 +121,21 @@ def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
     setup = components.run_model(cfg, data.vocab_size, components.pretrained(cfg))
     if setup.base:
         check_same_base(run_dir, components.params_sha256(setup.base))
+    if algorithm_spec(cfg.federated.algorithm).needs_models:  # the server's model is the messenger, at its size then
+        return _load_messenger(cfg, data, ckpt, round_, run_dir)
     algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b))
-    server, clients = algorithm.init(setup.trainable, data.num_clients)
-    server, _, _ = ckpt.restore(round_, server, clients)
+    server, _, _ = ckpt.restore(round_, algorithm.init_server(setup.trainable, data.num_clients), None)
     ckpt.close()
     model, params = lora.merge(setup.config, lora.join(setup.base, server.params))
     return TrainedModel(cfg, model, params, load_tokenizer(run_dir / "tokenizer"), round_, server.params)
+
+
+def _load_messenger(cfg, data, ckpt: Checkpointer, round_: int, run_dir: Path) -> TrainedModel:
+    from fedjax_code.experiments.messenger import messenger_config
+
+    model = messenger_config(cfg, data.vocab_size, ckpt.meta(round_)["messenger_scale"])
+    algorithm = build_algorithm(cfg.federated, None, models=Models(None, None, None, cfg.seed))
+    template = algorithm.init_server(init_params(model, jax.random.PRNGKey(0)), data.num_clients)
+    server, _, _ = ckpt.restore(round_, template, None)
+    ckpt.close()
+    return TrainedModel(cfg, model, server.params, load_tokenizer(run_dir / "tokenizer"), round_, server.params)

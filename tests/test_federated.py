@@ -238,12 +238,12 @@ def test_scaffold_by_hand():
     cohort = quad_cohort([1.0, 2.0], [2.0, -1.0], e=2)
     state, cs, _ = one_round(alg, {"x": jnp.float32(0.0)}, cohort, num_clients=2, rounds=1)
     close(state.params["x"], 0.25)
-    close(state.extras["x"], -0.25)
-    close(cs["x"], [-1.5, 1.0])
+    close(state.extras["c"]["x"], -0.25)
+    close(cs[0]["x"], [-1.5, 1.0])
     state, cs, _ = one_round(alg, {"x": jnp.float32(0.0)}, cohort, num_clients=2, rounds=2)
     close(state.params["x"], 0.125)
-    close(state.extras["x"], 0.125)
-    close(cs["x"], [-1.625, 1.875])
+    close(state.extras["c"]["x"], 0.125)
+    close(cs[0]["x"], [-1.625, 1.875])
 
 
 def test_scaffold_partial_participation():
@@ -252,8 +252,8 @@ def test_scaffold_partial_participation():
     cohort = quad_cohort([1.0, 2.0, 5.0], [2.0, -1.0, 9.0], e=2, mask=[1, 1, 0])
     state, cs, _ = one_round(alg, {"x": jnp.float32(0.0)}, cohort, num_clients=3)
     close(state.params["x"], 0.25)
-    close(state.extras["x"], -0.5 / 3)
-    close(cs["x"], [-1.5, 1.0, 0.0])
+    close(state.extras["c"]["x"], -0.5 / 3)
+    close(cs[0]["x"], [-1.5, 1.0, 0.0])
 
 
 # ----------------------------------------------------------------------------- aggregation and state

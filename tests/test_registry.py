@@ -10,7 +10,8 @@ from fedjax_code.config import FederatedConfig
 from fedjax_code.errors import UserError
 from fedjax_code.experiments.answer import sentences
 
-BUILT_IN = {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fednova"}
+BUILT_IN = {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fednova", "ditto", "fedrep",
+            "pfedme", "messengers"}
 
 
 def test_every_built_in_algorithm_is_registered_and_validates():

@@ -38,13 +38,11 @@ def metrics(run_dir):
 
 
 def final_state(run_dir):
+    """The server state of a run's latest checkpoint."""
     ckpt = Checkpointer(run_dir / "checkpoints")
-    round_ = ckpt.latest_round()
-    cfg = tiny()
     from fedjax_code.experiments.run import Simulation
 
-    server, clients = Simulation(cfg, progress=False).init_state()
-    return ckpt.restore(round_, server, clients)[:2]
+    return ckpt.restore(ckpt.latest_round(), Simulation(tiny(), progress=False).init_server(), None)[0]
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +78,14 @@ def test_same_seed_same_metrics_other_seed_differs(uninterrupted, tmp_path):
     assert metrics(tmp_path / "c") != metrics(uninterrupted)
 
 
-def kill_after_checkpoint(out, *overrides, checkpoint=2):
+def kill_after_checkpoint(out, *overrides, checkpoint=2, marker=None):
     """Start ``fedjax-code train`` on TINY + ``overrides`` into ``out`` and kill -9 it once checkpoint
-    ``checkpoint`` exists."""
+    ``checkpoint`` (or the file ``out / marker``) exists."""
+    marker = out / (marker or f"checkpoints/{checkpoint}")
     cmd = [sys.executable, "-m", "fedjax_code.cli", "train", "--out", str(out), "--quiet", *TINY, *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / str(checkpoint)).is_dir() and proc.poll() is None and time.time() < deadline:
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -100,7 +99,7 @@ def test_killed_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
         train(tiny("train.checkpoint_every=1"), out, progress=False)
     train(tiny("train.checkpoint_every=1"), out, resume=True, progress=False)
     assert metrics(out) == metrics(uninterrupted)
-    (server_a, _), (server_b, _) = final_state(uninterrupted), final_state(out)
+    server_a, server_b = final_state(uninterrupted), final_state(out)
     for a, b in zip(jax.tree.leaves(server_a), jax.tree.leaves(server_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
 
@@ -109,7 +108,7 @@ def test_load_trained_returns_the_final_params(uninterrupted):
     cfg, model, params, tokenizer, round_, trainable = load_trained(uninterrupted)
     assert cfg == tiny()
     assert round_ == 4 and model.vocab_size == len(tokenizer) == 512
-    server, _ = final_state(uninterrupted)
+    server = final_state(uninterrupted)
     for a, b, c in zip(jax.tree.leaves(params), jax.tree.leaves(server.params), jax.tree.leaves(trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(c), np.asarray(b))  # no adapters: what was trained is the model
@@ -181,7 +180,7 @@ def test_completion_only_loss(tmp_path):
     sim = Simulation(cfg, progress=False)
     tokens, mask = sim.cohort(0).batches
     assert tokens.shape == mask.shape and 0 < float(mask.mean()) < 1
-    server, _ = sim.init_state()
+    server = sim.init_server()
     rows = np.asarray(mask).reshape(-1, *mask.shape[-2:])[..., 1:].mean(axis=(1, 2))
     i = int(np.argmin(np.where(rows > 0, rows, 2)))  # the batch with the most prompt tokens among its targets
     window, window_mask = tokens.reshape(-1, *tokens.shape[-2:])[i], mask.reshape(-1, *mask.shape[-2:])[i]

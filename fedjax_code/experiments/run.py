@@ -27,11 +27,13 @@ from fedjax_code.config import ExperimentConfig
 from fedjax_code.errors import UserError
 from fedjax_code.eval.heldout import client_losses_fn, evaluate_clients, fairness
 from fedjax_code.experiments import components
-from fedjax_code.models import lora, loss_fn, model_info, num_params
+from fedjax_code.experiments.messenger import Messenger
+from fedjax_code.models import lora, loss_fn, model_info
 from fedjax_code.records import RoundRecord, RunSummary, read_json, read_jsonl, to_dict, write_json
 
 EVAL_CHUNK_WINDOWS = 32  # held-out windows evaluated per jitted call
 INITIAL_EVAL = "initial_eval.json"  # the held-out evaluation before round 1
+PERSONAL_FIELDS = [f.name for f in dataclasses.fields(RoundRecord) if f.name.startswith("personal_")]
 
 
 def _open_run_dir(out: Path, cfg: ExperimentConfig, resume: bool, force: bool) -> None:
@@ -79,6 +81,8 @@ class Simulation:
         self.shards, self.examples = self.data.shards, self.data.examples
         setup = components.run_model(cfg, self.data.provenance.vocab_size, pre)
         self.model, self.trainable = setup.config, setup.trainable
+        self.messenger = Messenger(cfg, self.model, self.data.provenance.vocab_size) \
+            if fl.algorithm_spec(f.algorithm).needs_models else None
         self.base_ref = {"source": cfg.model.pretrained or "random", "sha256": components.params_sha256(setup.base)} \
             if setup.base else None
         self.num_clients = self.shards.num_clients
@@ -87,9 +91,11 @@ class Simulation:
         cohort = fl.cohort_size(self.num_clients, f.participation)
         padded = cohort + -cohort % self.mesh.size
         self.parallel = components.parallel_clients(f, padded, self.mesh.size, jax.devices()[0].platform)
-        self.algorithm = fl.build_algorithm(f, self.loss(self.base), self.parallel)
+        self.algorithm = fl.build_algorithm(f, self.loss(self.base), self.parallel, self.models(self.base))
         self.round_fn = jax.jit(self._round, donate_argnums=(1, 2))
-        self.eval_fn = client_losses_fn(lambda p, batch: loss_fn(p, self.model, batch))
+        self.stateful = self.algorithm.init_client is not None  # per-client state, kept in a ClientStore
+        self.eval_fn = client_losses_fn(lambda p, batch: loss_fn(p, self.global_model, batch))
+        self.personal_eval_fn = jax.jit(self._personal_losses)
         windows = cfg.train.eval_windows
         self.heldout = np.stack([self.shards.heldout(c, f.seq_len, windows) for c in range(self.num_clients)])
         self.heldout_tokens = self.shards.bounds[:, 2] - self.shards.bounds[:, 1]
@@ -104,13 +110,44 @@ class Simulation:
 
         return loss
 
-    def _round(self, base, server, clients, cohort):
-        """One round (jitted with the server and client states donated); ``base`` is a traced argument, so the
-        compiled program holds no copy of it."""
-        return fl.build_algorithm(self.cfg.federated, self.loss(base), self.parallel).apply(server, clients, cohort)
+    @property
+    def global_model(self):
+        """The config of the server's model: the run's model, or the messenger at its current size."""
+        return self.messenger.config if self.messenger else self.model
 
-    def init_state(self):
-        return self.algorithm.init(self.trainable, self.num_clients)
+    def models(self, base) -> fl.Models | None:
+        """The two models the messengers are built from (None for the other algorithms)."""
+        return self.messenger.models(base) if self.messenger else None
+
+    def _round(self, base, server, rows, fresh, cohort):
+        """One round (jitted with the server state and the cohort's rows donated); ``base`` is a traced argument,
+        so the compiled program holds no copy of it. ``rows`` (the cohort's per-client state, or None) come from
+        the client store; ``fresh`` marks the clients with nothing stored yet."""
+        algorithm = fl.build_algorithm(self.cfg.federated, self.loss(base), self.parallel, self.models(base))
+        if self.stateful:
+            rows = fl.with_fresh(algorithm, server, rows, fresh, cohort.ids)
+        return algorithm.round(server, rows, cohort)
+
+    def init_server(self):
+        return self.algorithm.init_server(self.messenger.init() if self.messenger else self.trainable,
+                                          self.num_clients)
+
+    def client_store(self, out: Path, server) -> fl.ClientStore | None:
+        """The run's per-client state on the host (``out/client_state``), or None for a stateless algorithm."""
+        if not self.stateful:
+            return None
+        row = jax.eval_shape(self.algorithm.init_client, server, jnp.int32(0))
+        return fl.ClientStore(out / "client_state", row, self.num_clients)
+
+    def run_round(self, server, store: fl.ClientStore | None, round_: int, cohort: fl.Cohort):
+        """One round: the cohort's rows gathered from ``store``, trained on the device, scattered back."""
+        rows = fresh = None
+        if store is not None:
+            rows, fresh = (fl.shard_rows(x, self.mesh) for x in store.gather(cohort.ids))
+        server, rows, metrics = self.round_fn(self.base, server, rows, fresh, cohort)
+        if store is not None:
+            store.scatter(round_ + 1, cohort.ids, jax.device_get(rows), cohort.mask)
+        return server, jax.device_get(metrics)
 
     def place(self, tree):
         return fl.replicate(tree, self.mesh)
@@ -130,8 +167,36 @@ class Simulation:
         return fl.shard_cohort(fl.pad_cohort(cohort, self.mesh.size), self.mesh)
 
     def evaluate(self, trainable) -> dict:
-        losses = evaluate_clients(lora.join(self.base, trainable), self.heldout, self.eval_fn, self.eval_chunk)
+        """The server's model on every client's held-out split (`fairness`)."""
+        params = trainable if self.messenger else lora.join(self.base, trainable)
+        losses = evaluate_clients(params, self.heldout, self.eval_fn, self.eval_chunk)
         return fairness(losses, self.heldout_tokens)
+
+    def _personal_losses(self, base, server, rows, fresh, ids, windows):
+        """Held-out loss [n] of clients ``ids``' personal models, each on its own ``windows``."""
+        rows = fl.with_fresh(self.algorithm, server, rows, fresh, ids)
+        personal = jax.vmap(self.algorithm.personal, in_axes=(None, 0))(server, rows)
+        return jax.vmap(lambda p, w: loss_fn(lora.join(base, p), self.model, w))(personal, windows)
+
+    def grow_messenger(self, server, eval_loss: float):
+        """``server``, with its messenger grown one ladder step if the growth rule says so after this evaluation."""
+        grown = self.messenger.after_eval(server.params, eval_loss) if self.messenger else None
+        if grown is None:
+            return server
+        return self.place(self.algorithm.init_server(grown, self.num_clients).replace(round=server.round))
+
+    def evaluate_personal(self, server, store: fl.ClientStore | None) -> dict:
+        """Every client's personal model on its own held-out split (a client that has not trained yet: the model
+        it would start from), summarised as `evaluate` does, with personal_ names; {} without personal models."""
+        if store is None or self.algorithm.personal is None:
+            return {}
+        losses = []
+        for start in range(0, self.num_clients, self.eval_chunk):
+            ids = np.arange(start, start + self.eval_chunk) % self.num_clients  # the last chunk wraps: one compile
+            rows, fresh = store.gather(ids)
+            losses.append(np.asarray(self.personal_eval_fn(self.base, server, rows, fresh, ids, self.heldout[ids])))
+        summary = fairness(np.concatenate(losses)[: self.num_clients], self.heldout_tokens)
+        return {f"personal_{k}": v for k, v in summary.items()}
 
 
 def _round_record(sim: Simulation, round_: int, cohort: fl.Cohort, metrics: dict, wall: float, model_bytes: int,
@@ -145,7 +210,8 @@ def _round_record(sim: Simulation, round_: int, cohort: fl.Cohort, metrics: dict
     return RoundRecord(round=round_ + 1, train_loss=float(metrics["train_loss"]), tokens=tokens,
                        tokens_seen=tokens_seen + tokens, wall_s=round(wall, 4), tokens_per_s=round(tokens / wall, 1),
                        includes_compile=first_in_process, bytes_up=up, bytes_down=down,
-                       participants=int(metrics["participants"]), mean_tau=float(metrics["mean_tau"]))
+                       participants=int(metrics["participants"]), mean_tau=float(metrics["mean_tau"]),
+                       messenger_scale=sim.messenger.factor if sim.messenger else None)
 
 
 def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = False,
@@ -159,25 +225,30 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
     if sim.base_ref:
         rundir.check_same_base(out, sim.base_ref["sha256"])
     _record_data(out, cfg, sim.data, sim.base_ref)
-    server, clients = sim.init_state()
     ckpt = Checkpointer(out / "checkpoints")
     start = ckpt.latest_round() or 0
+    if start and sim.messenger:
+        sim.messenger.restore(ckpt.meta(start))  # its size at the checkpoint
+    server = sim.init_server()
     if start:
-        server, clients, _ = ckpt.restore(start, server, clients)
+        server, _, _ = ckpt.restore(start, server, None)
     elif not (out / INITIAL_EVAL).is_file():  # the model before any round: a pretrained model's own loss
         write_json(out / INITIAL_EVAL, sim.evaluate(server.params))
+    store = sim.client_store(out, server)
+    if store is not None:
+        store.rollback(start)  # undo the rows of rounds after the checkpoint
     _truncate_metrics(out / "metrics.jsonl", start)
-    _run_rounds(sim, out, ckpt, *sim.place((server, clients)), start, progress)
+    _run_rounds(sim, out, ckpt, sim.place(server), store, start, progress)
     ckpt.close()
     summary = _summary(sim, out)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _run_rounds(sim: Simulation, out: Path, ckpt: Checkpointer, server, clients, start: int, progress: bool) -> None:
+def _run_rounds(sim: Simulation, out: Path, ckpt: Checkpointer, server, store: fl.ClientStore | None, start: int,
+                progress: bool) -> None:
     """Rounds ``start`` .. ``rounds - 1``: one metrics.jsonl line each, evaluations and checkpoints on cadence."""
     f, t = sim.cfg.federated, sim.cfg.train
-    model_bytes = num_params(server.params) * 4
     done = read_jsonl(RoundRecord, out / "metrics.jsonl")
     tokens_seen = done[-1].tokens_seen if done else 0
     bar = tqdm(range(start, f.rounds), initial=start, total=f.rounds, desc="rounds", disable=None if progress else True,
@@ -186,19 +257,22 @@ def _run_rounds(sim: Simulation, out: Path, ckpt: Checkpointer, server, clients,
         for r in bar:
             cohort = sim.cohort(r)
             began = time.perf_counter()
-            server, clients, metrics = sim.round_fn(sim.base, server, clients, cohort)
-            metrics = jax.device_get(metrics)
-            record = _round_record(sim, r, cohort, metrics, time.perf_counter() - began, model_bytes, tokens_seen,
-                                   r == start)
+            server, metrics = sim.run_round(server, store, r, cohort)
+            record = _round_record(sim, r, cohort, metrics, time.perf_counter() - began,
+                                   fl.message_bytes(f, server.params), tokens_seen, r == start)
             _check_finite(record, ckpt, out)
             if (r + 1) % t.eval_every == 0 or r + 1 == f.rounds:
-                record = dataclasses.replace(record, **sim.evaluate(server.params))
+                record = dataclasses.replace(record, **sim.evaluate(server.params),
+                                             **sim.evaluate_personal(server, store))
+                server = sim.grow_messenger(server, record.eval_loss)
             log.write(json.dumps(to_dict(record)) + "\n")
             log.flush()
             tokens_seen = record.tokens_seen
             bar.set_postfix(loss=f"{record.train_loss:.3f}")
             if (r + 1) % t.checkpoint_every == 0 or r + 1 == f.rounds:
-                ckpt.save(r + 1, server, clients, {"round": r + 1})
+                ckpt.save(r + 1, server, None, {"round": r + 1, **(sim.messenger.state() if sim.messenger else {})})
+                if store is not None:
+                    store.commit(r + 1)
 
 
 def _check_finite(record: RoundRecord, ckpt: Checkpointer, out: Path) -> None:
@@ -220,6 +294,7 @@ def _summary(sim: Simulation, out: Path) -> RunSummary:
         client_eval_loss_mean=last_eval.client_eval_loss_mean,
         client_eval_loss_worst10=last_eval.client_eval_loss_worst10,
         client_eval_loss_std=last_eval.client_eval_loss_std, tokens_seen=rows[-1].tokens_seen,
+        **{k: getattr(last_eval, k) for k in PERSONAL_FIELDS},
         train_wall_s=round(sum(r.wall_s for r in rows), 3),
         train_tokens_per_s=round(sum(r.tokens for r in timed) / sum(r.wall_s for r in timed), 1),
         comm_mb=round(sum(r.bytes_up + r.bytes_down for r in rows) / 1e6, 3), num_clients=sim.num_clients,

@@ -2,8 +2,9 @@
 `loss_fn(params, batch) -> scalar`.
 
 A round: sample a cohort (`sample_cohort`, `local_steps`), gather its batches [C, E, ...] into a
-`Cohort`, then `apply(server_state, client_states, cohort)` of a `FederatedAlgorithm`
-(fedavg / fedprox / scaffold / fednova, all in `REGISTRY`), jitted once with `jit_round`. Learning
+`Cohort`, then `round(server_state, cohort_rows, cohort)` of a `FederatedAlgorithm` (all in `REGISTRY`),
+jitted once. Per-client state lives in a host-side `ClientStore` (training runs) or stacked on the
+device (`FederatedAlgorithm.apply`, jitted with `jit_round`). Learning
 rates may follow a schedule across rounds (`lr_factor`, `server_learning_rate`).
 """
 
@@ -15,19 +16,31 @@ from .algorithms import (
     algorithm_spec,
     build_algorithm,
     communicated_bytes,
+    message_bytes,
     register,
+    BuildContext,
+    Models,
+    Plateau,
+    ditto,
+    messengers,
+    mutual_distillation,
     fedavg,
     fednova,
     fedprox,
+    fedrep,
+    pfedme,
+    qffl,
     jit_round,
     scaffold,
     server_optimizer,
+    with_fresh,
 )
+from .client_store import ClientStore
 from .client import client_optimizer, client_update
 from .cohort import client_key, cohort_size, local_steps, sample_cohort
 from .schedules import SCHEDULES, lr_factor, server_learning_rate
-from .sharding import make_mesh, pad_cohort, replicate, shard_cohort
-from .state import ClientStates, Cohort, ServerState, gather, init_client_states, scatter
+from .sharding import make_mesh, pad_cohort, replicate, shard_cohort, shard_rows
+from .state import ClientStates, Cohort, ServerState, gather, scatter
 
 __all__ = [
     "REGISTRY",
@@ -36,8 +49,10 @@ __all__ = [
     "algorithm_spec",
     "build_algorithm",
     "communicated_bytes",
+    "message_bytes",
     "register",
     "ClientStates",
+    "ClientStore",
     "Cohort",
     "FederatedAlgorithm",
     "ServerState",
@@ -47,11 +62,19 @@ __all__ = [
     "client_update",
     "client_weights",
     "cohort_size",
+    "BuildContext",
+    "Models",
+    "Plateau",
+    "ditto",
+    "messengers",
+    "mutual_distillation",
     "fedavg",
     "fednova",
     "fedprox",
+    "fedrep",
+    "pfedme",
+    "qffl",
     "gather",
-    "init_client_states",
     "jit_round",
     "local_steps",
     "lr_factor",
@@ -65,5 +88,7 @@ __all__ = [
     "server_learning_rate",
     "server_optimizer",
     "shard_cohort",
+    "shard_rows",
     "weighted_sum",
+    "with_fresh",
 ]

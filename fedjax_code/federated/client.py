@@ -41,6 +41,7 @@ def client_update(
     grad_correction: PyTree | None = None,
     penalty: Callable[[PyTree], jax.Array] | None = None,
     lr_scale: jax.Array | float = 1.0,
+    prox: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """Run up to E local steps from `params` and return (delta, mean loss, tau).
 
@@ -52,6 +53,7 @@ def client_update(
     (FedProx's proximal term).
     lr_scale: a (traced) scalar multiplying every optimizer update: this round's learning-rate factor
     (`schedules.lr_factor`), since the optimizer, re-initialised each round, cannot count rounds.
+    prox: params -> params applied after every step (a proximal step, e.g. Ditto's pull to the global model).
     Returns delta = final - start params, the mean `loss_fn` over active steps (0 if none), and
     tau = number of active steps (int32).
     """
@@ -68,6 +70,8 @@ def client_update(
         updates, s_new = optimizer.update(g, s, p)
         updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
         p_new = optax.apply_updates(p, updates)
+        if prox is not None:
+            p_new = prox(p_new)
         return (_select(active, p_new, p), _select(active, s_new, s)), jnp.where(active, loss, 0.0)
 
     step_mask = step_mask.astype(bool)

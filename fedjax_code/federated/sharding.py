@@ -56,7 +56,13 @@ def shard_cohort(cohort: Cohort, mesh: Mesh) -> Cohort:
     c = cohort.ids.shape[0]
     if c % n:
         raise ValueError(f"cohort of {c} clients does not split over {n} devices; use pad_cohort first")
-    return jax.device_put(cohort, NamedSharding(mesh, P(CLIENT_AXIS)))
+    return shard_rows(cohort, mesh)
+
+
+def shard_rows(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Put axis 0 (the cohort's clients) of every leaf on NamedSharding(mesh, P('clients')): per-client rows
+    placed like the cohort they belong to."""
+    return jax.device_put(tree, NamedSharding(mesh, P(CLIENT_AXIS)))
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

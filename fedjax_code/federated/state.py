@@ -43,11 +43,6 @@ class Cohort(NamedTuple):
     step_mask: jax.Array
 
 
-def init_client_states(template: PyTree, num_clients: int) -> ClientStates:
-    """Zeros shaped like `template`, stacked [num_clients, ...]."""
-    return jax.tree.map(lambda x: jnp.zeros((num_clients,) + jnp.shape(x), jnp.result_type(x)), template)
-
-
 def gather(client_states: ClientStates, ids: jax.Array) -> PyTree:
     """Rows `ids` of every leaf: [K, ...] -> [C, ...]."""
     return jax.tree.map(lambda s: s[ids], client_states)
@@ -59,6 +54,7 @@ def scatter(client_states: ClientStates, ids: jax.Array, new_rows: PyTree, mask:
     Masked rows are routed out of bounds and dropped, so padded clients may repeat any id. Ids of
     unmasked rows must be distinct.
     """
-    k = jax.tree.leaves(client_states)[0].shape[0]
-    idx = jnp.where(mask, ids, k)
-    return jax.tree.map(lambda s, r: s.at[idx].set(r.astype(s.dtype), mode="drop"), client_states, new_rows)
+    def put(s, r):
+        return s.at[jnp.where(mask, ids, s.shape[0])].set(r.astype(s.dtype), mode="drop")
+
+    return jax.tree.map(put, client_states, new_rows)

@@ -7,11 +7,18 @@ as soon as the package does.
 import importlib
 import pkgutil
 
-from .base import FederatedAlgorithm, jit_round, round_metrics, run_clients, server_init, server_optimizer, server_step
+from .base import (FederatedAlgorithm, jit_round, round_metrics, run_clients, server_init, server_optimizer,
+                   server_step, with_fresh)
 from .fedavg import fedavg
 from .fednova import fednova
 from .fedprox import fedprox, proximal_term
-from .registry import REGISTRY, AlgorithmSpec, algorithm_spec, build_algorithm, communicated_bytes, register
+from .ditto import ditto
+from .messengers import Plateau, messengers, mutual_distillation
+from .fedrep import fedrep
+from .pfedme import pfedme
+from .qffl import qffl
+from .registry import (REGISTRY, AlgorithmSpec, BuildContext, Models, algorithm_spec, build_algorithm,
+                       communicated_bytes, message_bytes, register)
 from .scaffold import scaffold
 
 for _module in pkgutil.iter_modules(__path__):
@@ -24,9 +31,19 @@ __all__ = [
     "algorithm_spec",
     "build_algorithm",
     "communicated_bytes",
+    "message_bytes",
+    "BuildContext",
+    "Models",
+    "Plateau",
+    "ditto",
+    "messengers",
+    "mutual_distillation",
     "fedavg",
     "fednova",
     "fedprox",
+    "fedrep",
+    "pfedme",
+    "qffl",
     "jit_round",
     "proximal_term",
     "register",
@@ -36,4 +53,5 @@ __all__ = [
     "server_init",
     "server_optimizer",
     "server_step",
+    "with_fresh",
 ]

@@ -16,16 +16,53 @@ import optax
 
 from ..aggregate import normalized_weights
 from ..client import LossFn, client_update
-from ..state import ClientStates, Cohort, PyTree, ServerState
+from ..state import ClientStates, Cohort, PyTree, ServerState, gather, scatter
 
 
 class FederatedAlgorithm(NamedTuple):
-    """init(params, num_clients) -> (ServerState, ClientStates | None);
-    apply(server_state, client_states, cohort) -> (ServerState, ClientStates | None, metrics dict).
-    Both are pure; `apply` is jittable (see `jit_round`)."""
+    """A federated algorithm as pure functions over the cohort (``round`` is jittable).
 
-    init: Callable[..., tuple[ServerState, ClientStates | None]]
-    apply: Callable[[ServerState, ClientStates | None, Cohort], tuple[ServerState, ClientStates | None, dict]]
+    init_server(params, num_clients) -> ServerState.
+    round(server, rows, cohort) -> (server, rows, metrics): ``rows`` is the cohort's per-client state [C, ...]
+      (None for stateless algorithms), returned updated; rows of masked clients are ignored by the caller.
+    init_client(server, client_id) -> one client's state before it first trains (None: stateless). It is called
+      inside the round, from the server state at the round's start, for clients with nothing stored yet.
+    personal(server, row) -> the params a client would deploy (None: the global model, ``server.params``).
+
+    Where per-client state lives is the caller's choice: a host-side ``ClientStore`` (training runs), or stacked
+    [K, ...] on the device (``init`` and ``apply``, the reference the store is tested against).
+    """
+
+    init_server: Callable[..., ServerState]
+    round: Callable[[ServerState, PyTree, Cohort], tuple[ServerState, PyTree, dict]]
+    init_client: Callable[[ServerState, jax.Array], PyTree] | None = None
+    personal: Callable[[ServerState, PyTree], PyTree] | None = None
+
+    def init(self, params: PyTree, num_clients: int) -> tuple[ServerState, ClientStates | None]:
+        """(ServerState, per-client state stacked on the device: (rows [K, ...], written [K]) or None)."""
+        server = self.init_server(params, num_clients)
+        if self.init_client is None:
+            return server, None
+        row = jax.eval_shape(self.init_client, server, jnp.int32(0))
+        rows = jax.tree.map(lambda x: jnp.zeros((num_clients, *x.shape), x.dtype), row)
+        return server, (rows, jnp.zeros(num_clients, bool))
+
+    def apply(self, server: ServerState, states: ClientStates | None, cohort: Cohort):
+        """``round`` on device-stacked per-client state: gather the cohort's rows, run, scatter them back."""
+        if self.init_client is None:
+            return self.round(server, None, cohort)
+        rows, written = states
+        cohort_rows = with_fresh(self, server, gather(rows, cohort.ids), ~written[cohort.ids], cohort.ids)
+        server_new, cohort_rows, metrics = self.round(server, cohort_rows, cohort)
+        written = scatter(written, cohort.ids, jnp.ones_like(cohort.mask), cohort.mask)
+        return server_new, (scatter(rows, cohort.ids, cohort_rows, cohort.mask), written), metrics
+
+
+def with_fresh(algorithm: FederatedAlgorithm, server: ServerState, rows: PyTree, fresh: jax.Array, ids: jax.Array):
+    """The cohort's rows, with ``init_client(server, id)`` in place of those never written (``fresh``)."""
+    init = jax.vmap(algorithm.init_client, in_axes=(None, 0))(server, ids)
+    pick = lambda a, b: jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), a, b.astype(a.dtype))  # noqa: E731
+    return jax.tree.map(pick, init, rows)
 
 
 def jit_round(algorithm: FederatedAlgorithm, donate: bool = True):
@@ -40,11 +77,11 @@ def server_init(params: PyTree, server_opt: optax.GradientTransformation, extras
 
 
 def stateless_init(server_opt: optax.GradientTransformation):
-    """``init`` of an algorithm without per-client state: (ServerState, None)."""
+    """``init_server`` of an algorithm whose server state is the params and the server optimiser's state."""
 
     def init(params, num_clients=None):
         del num_clients
-        return server_init(params, server_opt), None
+        return server_init(params, server_opt)
 
     return init
 
@@ -132,13 +169,18 @@ def server_step(state: ServerState, mean_delta: PyTree, server_opt: optax.Gradie
     return state.replace(params=params, opt_state=opt_state, round=state.round + 1)
 
 
+def cohort_mean(values: jax.Array, cohort: Cohort) -> jax.Array:
+    """The participants' weighted mean of per-client ``values`` [C]."""
+    p = normalized_weights(cohort.weights, cohort.mask)
+    return jnp.sum(jnp.where(cohort.mask.astype(bool), p * values, 0.0))
+
+
 def round_metrics(losses: jax.Array, taus: jax.Array, cohort: Cohort) -> dict:
     """train_loss (weighted mean over participants), participants (count), mean_tau (over participants)."""
     mask = cohort.mask.astype(bool)
-    p = normalized_weights(cohort.weights, mask)
     n = mask.sum(dtype=jnp.int32)
     return {
-        "train_loss": jnp.sum(jnp.where(mask, p * losses, 0.0)),
+        "train_loss": cohort_mean(losses, cohort),
         "participants": n,
         "mean_tau": jnp.where(mask, taus, 0).sum() / jnp.maximum(n, 1).astype(jnp.float32),
     }

@@ -29,8 +29,8 @@ def fedavg(
     return FederatedAlgorithm(stateless_init(server_opt), apply)
 
 
-def _build(f, loss_fn, client_opt, server_opt, parallel, client_schedule=None):
-    return fedavg(loss_fn, client_opt, server_opt, parallel, client_schedule)
+def _build(f, c):
+    return fedavg(c.loss_fn, c.client_opt, c.server_opt, c.parallel, c.client_schedule)
 
 
 register(AlgorithmSpec("fedavg", "FedAvg", _build))

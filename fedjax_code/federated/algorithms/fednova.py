@@ -37,5 +37,5 @@ def fednova(
     return FederatedAlgorithm(stateless_init(server_opt), apply)
 
 
-register(AlgorithmSpec("fednova", "FedNova", lambda f, loss, c_opt, s_opt, par, sched=None:
-                       fednova(loss, c_opt, s_opt, par, sched)))
+register(AlgorithmSpec("fednova", "FedNova", lambda f, c:
+                       fednova(c.loss_fn, c.client_opt, c.server_opt, c.parallel, c.client_schedule)))

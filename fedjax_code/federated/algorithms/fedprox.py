@@ -45,5 +45,5 @@ def fedprox(
     return FederatedAlgorithm(stateless_init(server_opt), apply)
 
 
-register(AlgorithmSpec("fedprox", "FedProx", lambda f, loss, c_opt, s_opt, par, sched=None:
-                       fedprox(loss, c_opt, f.mu, s_opt, par, sched)))
+register(AlgorithmSpec("fedprox", "FedProx", lambda f, c:
+                       fedprox(c.loss_fn, c.client_opt, f.mu, c.server_opt, c.parallel, c.client_schedule)))

@@ -8,7 +8,6 @@ import optax
 from ..aggregate import aggregate, weighted_sum
 from ..client import LossFn
 from ..schedules import Schedule
-from ..state import gather, init_client_states, scatter
 from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_init, server_step
 from .registry import AlgorithmSpec, register
 
@@ -28,8 +27,8 @@ def scaffold(
     c_i^+ = c_i - c + (x - y_i) / (tau_i * lr);  c <- c + (|S|/N) * mean_{i in S}(c_i^+ - c_i), N = K.
     The server applies `server_opt` (default optax.sgd(1.0), the paper's eta_g = 1) to -mean delta,
     weighted by the cohort weights (pass uniform weights for the paper's plain mean).
-    State: c in ServerState.extras; c_i stacked [K, ...] in ClientStates, gathered/scattered for the
-    cohort only (masked clients keep their c_i and do not move c).
+    State: c and N in ServerState.extras; c_i per client (zeros before a client first trains), the cohort's
+    rows only (masked clients keep their c_i and do not move c).
     `client_schedule`: round -> factor s_r of `client_lr` (`schedules.lr_factor`; None: 1); the round's
     local lr, s_r * client_lr, is the lr of the c_i^+ formula.
     """
@@ -38,13 +37,15 @@ def scaffold(
     if clip_norm > 0:  # clips the corrected gradient; c_i^+ then averages what was actually applied
         client_opt = optax.chain(optax.clip_by_global_norm(clip_norm), client_opt)
 
-    def init(params, num_clients):
-        c = jax.tree.map(jnp.zeros_like, params)
-        return server_init(params, server_opt, extras=c), init_client_states(params, num_clients)
+    def init_server(params, num_clients):
+        extras = {"c": jax.tree.map(jnp.zeros_like, params), "num_clients": jnp.float32(num_clients)}
+        return server_init(params, server_opt, extras=extras)
 
-    def apply(state, client_states, cohort):
-        c, n = state.extras, jax.tree.leaves(client_states)[0].shape[0]
-        c_i = gather(client_states, cohort.ids)
+    def init_client(state, client_id):
+        return jax.tree.map(jnp.zeros_like, state.params)
+
+    def apply(state, c_i, cohort):
+        c, n = state.extras["c"], state.extras["num_clients"]
         corr = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
         scale = client_lr_scale(client_schedule, state)
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr,
@@ -54,14 +55,13 @@ def scaffold(
         dc = jax.tree.map(jnp.subtract, c_new, c_i)
         c_sum = weighted_sum(dc, jnp.full(cohort.mask.shape, 1.0 / n), cohort.mask)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
-        state = state.replace(extras=jax.tree.map(jnp.add, c, c_sum))
-        client_states = scatter(client_states, cohort.ids, c_new, cohort.mask)
-        return state, client_states, round_metrics(losses, taus, cohort)
+        state = state.replace(extras={"c": jax.tree.map(jnp.add, c, c_sum), "num_clients": n})
+        return state, c_new, round_metrics(losses, taus, cohort)
 
-    return FederatedAlgorithm(init, apply)
+    return FederatedAlgorithm(init_server, apply, init_client)
 
 
 register(AlgorithmSpec(
     "scaffold", "SCAFFOLD",
-    lambda f, loss, c_opt, s_opt, par, sched=None: scaffold(loss, f.client_lr, s_opt, par, f.clip_norm, sched),
+    lambda f, c: scaffold(c.loss_fn, f.client_lr, c.server_opt, c.parallel, f.clip_norm, c.client_schedule),
     messages=2, sgd_client_only=True))
