@@ -25,7 +25,7 @@ def _dump(path, obj):
 
 
 def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eval_losses=(4.0, 3.0), passes=None,
-                nll=None, n=10, tokens_seen=50_000):
+                nll=None, n=10, tokens_seen=50_000, personal=None):
     """A cell directory as the sweep runner writes it; ``passes`` maps task -> passing samples out of ``n``."""
     _dump(cell_dir / "cell.json", {"id": cell_dir.name, "axes": axes, "status": status, "error": error,
                                    "rounds": 2 * len(eval_losses), "train_s": 1.0, "eval_s": 1.0})
@@ -50,7 +50,7 @@ def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eva
         rounds=len(metrics), final_train_loss=4.0, eval_loss=eval_losses[-1], client_eval_loss_mean=eval_losses[-1],
         client_eval_loss_worst10=eval_losses[-1] + 0.5, client_eval_loss_std=0.2, tokens_seen=tokens_seen,
         train_wall_s=1.0, train_tokens_per_s=1234.5, comm_mb=2.0, num_clients=16, devices=1, model=model,
-        config=config, data=data))
+        config=config, data=data, personal_eval_loss=personal, personal_client_eval_loss_worst10=personal))
     results = [{"task_id": t, "completion_id": i, "passed": i < c, "result": "passed" if i < c else "failed"}
                for t, c in passes.items() for i in range(n)]
     (cell_dir / "humaneval" / "results.jsonl").parent.mkdir(parents=True)
@@ -266,6 +266,22 @@ def test_full_grid_plots_gap_and_algorithms(tmp_path):
     assert out["answer"].count("dirichlet-0.5 data") == 2
     fitted = [g for g in json.loads((tmp_path / "answer.json").read_text())["groups"]]
     assert len(fitted) == 4 and all(g["optimal"] == 4.0 for g in fitted)
+
+
+def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_path):
+    cells = [({"algorithm": alg, "partition": part}, {"eval_losses": (4.0, loss), "personal": personal})
+             for alg, part, loss, personal in (("fedavg", "iid", 3.0, None), ("fedavg", "dirichlet-0.1", 3.4, None),
+                                               ("ditto", "iid", 3.0, 2.9), ("ditto", "dirichlet-0.1", 3.3, 2.6))]
+    write_report(make_sweep(tmp_path, cells, target=3.5))
+    md = (tmp_path / "report.md").read_text()
+    assert "On dirichlet-0.1 data, ditto closes the non-IID gap most" in md
+    assert "On dirichlet-0.1 data, ditto's personal models are 0.7 nats below its global model" in md
+    header = next(line for line in md.splitlines() if line.startswith("| algorithm | non-IID |"))
+    assert header.endswith("| worst-10% loss | personal loss | personal - global | rounds to target | MB sent | decode tok/s |")
+    ditto = next(line for line in md.splitlines() if line.startswith("| ditto | dirichlet-0.1 |"))
+    assert ditto.endswith("| 3.8 | 2.6 | -0.7 | 4 | 2 | 99 |")  # worst10 = loss + 0.5; target 3.5 first met at round 4
+    rows = {r["algorithm"] + r["partition"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["dittodirichlet-0.1"]["personal_eval_loss"] == "2.6" and rows["fedavgiid"]["personal_eval_loss"] == ""
 
 
 def test_noniid_gap_against_seed_spread():

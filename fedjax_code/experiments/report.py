@@ -197,22 +197,51 @@ def _gap_section(rows: list[dict], varying, plots: Path) -> str:
             + _table(header, table) + "\n")
 
 
+ALGORITHM_COLUMNS = {  # results.csv column -> its header in the algorithms table (non-IID cells, seed means)
+    "client_eval_loss_worst10": "worst-10% loss", "personal_eval_loss": "personal loss",
+    "rounds_to_target": "rounds to target", "comm_mb": "MB sent", "decode_tokens_per_s": "decode tok/s"}
+
+
+def _mean_of(rows: list[dict], column: str) -> float:
+    values = [float(r[column]) for r in rows if r.get(column) not in ("", None)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _algorithms_section(rows: list[dict]) -> str:
-    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells."""
+    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells;
+    then the non-IID cells' worst-10% loss, personal models' loss and its gap to the global model, rounds to the
+    target loss, MB sent and the evaluated model's decode tokens/s."""
     second, means = _second_metric(rows), []
     for metric in ("final_eval_loss", second):
         acc = defaultdict(list)
         for g in noniid_gaps(rows, metric):
             acc[(g["algorithm"], g["partition"])].append((g["iid"], g["noniid"], g["gap"]))
         means.append({k: list(np.mean(v, axis=0)) for k, v in acc.items()})
-    body = sorted(([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3)]
-                   for (alg, part), loss in means[0].items()), key=lambda r: (r[1], r[4]))
+    body = []
+    for (alg, part), loss in means[0].items():
+        cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
+        extra = {c: _mean_of(cells, c) for c in ALGORITHM_COLUMNS}
+        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3), extra["client_eval_loss_worst10"],
+                     extra["personal_eval_loss"], extra["personal_eval_loss"] - loss[1],
+                     *(extra[c] for c in ("rounds_to_target", "comm_mb", "decode_tokens_per_s"))])
+    body.sort(key=lambda r: (r[1], r[4]))
     best = [next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body)]
-    sentences = " ".join(f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
-                         "against iid, averaged over matched cells)." for r in best)
+    sentences = [f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
+                 "against iid, averaged over matched cells)." for r in best]
+    personal = [r for r in body if np.isfinite(r[10])]
+    for part in dict.fromkeys(r[1] for r in personal):
+        r = min((r for r in personal if r[1] == part), key=lambda r: r[10])
+        sentences.append(f"On {part} data, {r[0]}'s personal models are {abs(r[10]):.3g} nats "
+                         f"{'below' if r[10] < 0 else 'above'} its global model on their own clients' held-out splits.")
     header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
-              *(f"{second} {s}" for s in ("iid", "non-IID", "gap"))]
-    return f"## Algorithms and the non-IID gap\n\n{sentences}\n\n" + _table(header, body) + "\n"
+              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), ALGORITHM_COLUMNS["client_eval_loss_worst10"],
+              "personal loss", "personal - global", *(ALGORITHM_COLUMNS[c] for c in
+                                                      ("rounds_to_target", "comm_mb", "decode_tokens_per_s"))]
+    return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
+            "cells': the global model's worst-10% client loss, the personal models' held-out loss (personalised "
+            "algorithms) and its difference from the global model's, rounds to the target loss, MB sent in all, and "
+            "the decode tokens/s of the model HumanEval sampled (the global model, or the messenger).\n\n"
+            + _table(header, body) + "\n")
 
 
 def _tuning_section(chosen: dict, plots: Path) -> str:

@@ -62,13 +62,20 @@ def scale_axis(sweep: dict) -> dict:
     return sweep.get("spec", {}).get("scale_axis") or {"key": "model.scale", "label": "scaling factor"}
 
 
+def _blank(value):
+    """A CSV cell: "" for a value a run does not have."""
+    return "" if value is None else value
+
+
 def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> dict:
     """One finished cell's results. ``params`` is the trainable size when the scale axis is a LoRA rank (the
     base is the same in every cell), else the model's."""
     s = read_json(RunSummary, cell_dir / "run" / "summary.json")
     he = read_json(HumanEvalRecord, cell_dir / "humaneval" / "humaneval.json")
     m = s.model
-    hits = [r.round for r in round_records(cell_dir) if r.eval_loss is not None and r.eval_loss <= target]
+    records = round_records(cell_dir)
+    hits = [r.round for r in records if r.eval_loss is not None and r.eval_loss <= target]
+    personal_hits = [r.round for r in records if r.personal_eval_loss is not None and r.personal_eval_loss <= target]
     row = {"cell": cell["id"], **{a: cell["axes"].get(a) for a in AXES}}
     row.update({k: v for k, v in _flatten(s.config).items() if k not in row})
     results = _results(cell_dir / "humaneval")
@@ -77,10 +84,14 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
     row.update({"params": m.get("params_trainable", m["params_total"]) if trainable_size else m["params_total"],
                 "model_mb": m["size_mb"]["fp32"], "tokens_seen": s.tokens_seen,
                 "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
-                "initial_eval_loss": "" if s.initial_eval_loss is None else s.initial_eval_loss,
+                "initial_eval_loss": _blank(s.initial_eval_loss),
                 "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
+                "personal_eval_loss": _blank(s.personal_eval_loss),
+                "personal_eval_loss_worst10": _blank(s.personal_client_eval_loss_worst10),
                 "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
-                "rounds_to_target": hits[0] if hits else "", "train_tokens_per_s": s.train_tokens_per_s,
+                "rounds_to_target": hits[0] if hits else "",
+                "personal_rounds_to_target": personal_hits[0] if personal_hits else "",
+                "train_tokens_per_s": s.train_tokens_per_s,
                 "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
                 **{k: s.data[k] for k in DATA_COLUMNS}})
     return row
