@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/fedjax-code sweep --config cpu-demo --out runs/cpu-demo
 
+# Two test processes (pytest-xdist) sharing one JAX compilation cache: about twice as fast on 2 cores.
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

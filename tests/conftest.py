@@ -1,4 +1,5 @@
-"""Test setup: 4 fake CPU devices (set before JAX starts) and a small prepared corpus shared by the suite."""
+"""Test setup: 4 fake CPU devices (set before JAX starts), a data cache per process, one JAX compilation cache for
+the run, and a small prepared corpus shared by the suite."""
 
 import atexit
 import os
@@ -11,6 +12,11 @@ os.environ["FEDJAX_CODE_CACHE"] = tempfile.mkdtemp(prefix="fedjax-code-test-cach
 atexit.register(shutil.rmtree, os.environ["FEDJAX_CODE_CACHE"], ignore_errors=True)
 if os.path.isdir(os.path.join(_USER_CACHE, "pretrained")):  # reuse the models `make install` fetched
     os.symlink(os.path.join(_USER_CACHE, "pretrained"), os.path.join(os.environ["FEDJAX_CODE_CACHE"], "pretrained"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one compilation cache for the whole run: pytest-xdist's workers
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedjax-code-test-jax-")  # and the CLI
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)  # subprocesses
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # inherit it, and the tests compile the same
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"  # small programs again and again
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: a hub id fails at once
 
