@@ -13,6 +13,7 @@ resumed from checkpoint r calls ``rollback(r)``, which restores the rows written
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -44,7 +45,10 @@ class ClientStore:
     def _open(self, name: str, shape, dtype) -> np.memmap:
         path = self.dir / f"{name}.bin"
         mode = "r+" if path.is_file() else "w+"  # w+ creates a sparse file of zeros
-        return np.memmap(path, dtype=dtype, mode=mode, shape=(self.num_clients, *shape))
+        array = np.memmap(path, dtype=dtype, mode=mode, shape=(self.num_clients, *shape))
+        if hasattr(mmap, "MADV_RANDOM") and array.size:
+            array._mmap.madvise(mmap.MADV_RANDOM)  # rows are read a cohort at a time: no readahead
+        return array
 
     @property
     def row_bytes(self) -> int:
@@ -52,17 +56,29 @@ class ClientStore:
 
     def gather(self, ids) -> tuple:
         """(rows: the template's pytree with leaves [C, ...], fresh [C] bool: never written). Padded cohorts may
-        repeat ids."""
+        repeat ids. Only written rows are read; fresh ones are zeros (the round replaces them)."""
         ids = np.asarray(ids)
-        return jax.tree.unflatten(self.treedef, [leaf[ids] for leaf in self.leaves]), ~self.written[ids]
+        fresh = ~self.written[ids]
+        stored = ids[~fresh]
+
+        def read(leaf):
+            rows = np.zeros((len(ids), *leaf.shape[1:]), leaf.dtype)
+            rows[~fresh] = leaf[stored]
+            return rows
+
+        return jax.tree.unflatten(self.treedef, [read(leaf) for leaf in self.leaves]), fresh
 
     def scatter(self, round_: int, ids, rows, mask) -> None:
-        """Write ``rows`` [C, ...] to clients ``ids`` where ``mask`` is True, after logging what they held."""
-        ids = np.asarray(ids)[np.asarray(mask, bool)]
-        picked = [np.asarray(leaf)[np.asarray(mask, bool)] for leaf in jax.tree.leaves(rows)]
-        old = {f"leaf{i}": leaf[ids] for i, leaf in enumerate(self.leaves)}
-        self._write_log(round_, ids=ids, written=self.written[ids], **old)
-        self._write_rows(ids, np.ones(len(ids), bool), picked)
+        """Write ``rows`` [C, ...] to clients ``ids`` where ``mask`` is True, after logging what they held (only the
+        rows that were written before: a fresh row is restored by its flag alone)."""
+        mask = np.asarray(mask, bool)
+        ids = np.asarray(ids)[mask]
+        was = self.written[ids]
+        old = {f"leaf{i}": leaf[ids[was]] for i, leaf in enumerate(self.leaves)}
+        self._write_log(round_, ids=ids, written=was, **old)
+        self.written[ids] = True
+        for target, new in zip(self.leaves, jax.tree.leaves(rows)):
+            target[ids] = np.asarray(new)[mask]
 
     def _write_log(self, round_: int, **arrays) -> None:
         tmp = self.dir / "undo" / f"{round_}.tmp.npz"
@@ -71,11 +87,6 @@ class ClientStore:
 
     def _log(self, round_: int) -> Path:
         return self.dir / "undo" / f"{round_}.npz"
-
-    def _write_rows(self, ids, written, leaves) -> None:
-        self.written[ids] = written
-        for target, rows in zip(self.leaves, leaves):
-            target[ids] = rows
 
     def _logged_rounds(self) -> list[int]:
         return sorted(int(p.name.split(".")[0]) for p in (self.dir / "undo").glob("*.npz") if ".tmp" not in p.name)
@@ -92,7 +103,10 @@ class ClientStore:
         for r in reversed(self._logged_rounds()):
             if r > round_:
                 log = np.load(self._log(r))
-                self._write_rows(log["ids"], log["written"], [log[f"leaf{i}"] for i in range(len(self.leaves))])
+                ids, was = log["ids"], log["written"]
+                self.written[ids] = was
+                for i, leaf in enumerate(self.leaves):
+                    leaf[ids[was]] = log[f"leaf{i}"]
                 self.flush()
                 self._log(r).unlink()
         self.commit(round_)
