@@ -85,3 +85,15 @@ def test_decode_throughput_pretrained_smoke(tmp_path):
         assert row["ours_tokens_per_s"] > 0 and row["ours_decode_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
         assert row["speedup"] > 0
     assert 0 <= result["greedy_tokens_match"] <= 1
+
+
+def test_client_state_small():
+    """The store's round holds the cohort's rows, the stacked one all K; a K too big for the budget is skipped."""
+    proc = subprocess.run([sys.executable, str(BENCH / "client_state.py"), "--clients", "40,400", "--rounds", "1",
+                           "--scale", "cpu-0.25", "--max-stacked-gb", "0.03"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {(r["clients"], r["mode"]): r for r in rows}
+    assert rows[(40, "stacked")]["device_mb"] > rows[(40, "store")]["device_mb"] == rows[(400, "store")]["device_mb"]
+    assert "needs" in rows[(400, "stacked")]["skipped"] and rows[(400, "store")]["disk_mb"] > 0
