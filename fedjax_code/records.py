@@ -133,3 +133,5 @@ class HumanEvalRecord:
     nll: float | None = None             # mean canonical-solution NLL (nats per token)
     nll_problems: int | None = None
     nll_per_task: dict | None = None
+    personal_nll: float | None = None    # personalised runs: the mean NLL of some clients' personal models
+    personal_nll_clients: list | None = None  # (``nll`` is the global model's, or the messenger's)

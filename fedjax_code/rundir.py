@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_code.checkpoint import Checkpointer
 from fedjax_code.config import ExperimentConfig, experiment_from_dict
 from fedjax_code.data.tokenizer import load_tokenizer
 from fedjax_code.errors import UserError
-from fedjax_code.federated import Models, algorithm_spec, build_algorithm
+from fedjax_code.federated import ClientStore, Models, algorithm_spec, build_algorithm, with_fresh
 from fedjax_code.models import init_params, loss_fn, lora
 from fedjax_code.records import from_dict, write_json
 
@@ -105,37 +106,83 @@ class TrainedModel(NamedTuple):
     trainable: dict      # what the run trained: the adapters of a LoRA run, else ``params``
 
 
-def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
-    """The global model of a run's latest checkpoint, or of ``checkpoint`` (a step directory such as
-    ``RUN/checkpoints/10``), with the run's own tokenizer; reads nothing outside the run directory but the
-    pretrained model a run started from."""
-    run_dir = Path(run_dir)
-    cfg, data = read_config(run_dir)
+def _checkpoint(run_dir: Path, checkpoint: Path | None) -> tuple[Checkpointer, int]:
+    """The run's checkpoints and the round to read: ``checkpoint``'s (a step directory) or the latest."""
     ckpt = Checkpointer(Path(checkpoint).parent if checkpoint else run_dir / "checkpoints")
     round_ = int(Path(checkpoint).name) if checkpoint and Path(checkpoint).name.isdigit() else ckpt.latest_round()
     if round_ is None or round_ not in ckpt.all_rounds():
         where = f"at {checkpoint}" if checkpoint else f"in {run_dir / 'checkpoints'}"
         raise UserError(f"no checkpoint {where}")
+    return ckpt, round_
+
+
+def _setup(run_dir: Path, cfg: ExperimentConfig, data: DataProvenance):
+    """The run's model (``components.RunModel``), checked against the base it trained on."""
     from fedjax_code.experiments import components
 
     setup = components.run_model(cfg, data.vocab_size, components.pretrained(cfg))
     if setup.base:
         check_same_base(run_dir, components.params_sha256(setup.base))
-    if algorithm_spec(cfg.federated.algorithm).needs_models:  # the server's model is the messenger, at its size then
-        return _load_messenger(cfg, data, ckpt, round_, run_dir)
-    algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b))
-    server, _, _ = ckpt.restore(round_, algorithm.init_server(setup.trainable, data.num_clients), None)
+    return setup
+
+
+def _server(cfg: ExperimentConfig, data: DataProvenance, setup, ckpt: Checkpointer, round_: int):
+    """(the server state at ``round_``, the config of the server's model: the run's, or the messenger at its size
+    then)."""
+    if algorithm_spec(cfg.federated.algorithm).needs_models:
+        from fedjax_code.experiments.messenger import messenger_config
+
+        model = messenger_config(cfg, data.vocab_size, ckpt.meta(round_)["messenger_scale"])
+        algorithm = build_algorithm(cfg.federated, None, models=Models(None, None, None, cfg.seed))
+        template = init_params(model, jax.random.PRNGKey(0))
+    else:
+        model, template = setup.config, setup.trainable
+        algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b))
+    return ckpt.restore(round_, algorithm.init_server(template, data.num_clients), None)[0], model
+
+
+def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:
+    """The global model (or messenger) of a run's latest checkpoint, or of ``checkpoint`` (a step directory such
+    as ``RUN/checkpoints/10``), with the run's own tokenizer; reads nothing outside the run directory but the
+    pretrained model a run started from."""
+    run_dir = Path(run_dir)
+    cfg, data = read_config(run_dir)
+    ckpt, round_ = _checkpoint(run_dir, checkpoint)
+    setup = _setup(run_dir, cfg, data)
+    server, model = _server(cfg, data, setup, ckpt, round_)
     ckpt.close()
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    if algorithm_spec(cfg.federated.algorithm).needs_models:  # the messenger: a model of its own, never LoRA
+        return TrainedModel(cfg, model, server.params, tokenizer, round_, server.params)
     model, params = lora.merge(setup.config, lora.join(setup.base, server.params))
-    return TrainedModel(cfg, model, params, load_tokenizer(run_dir / "tokenizer"), round_, server.params)
+    return TrainedModel(cfg, model, params, tokenizer, round_, server.params)
 
 
-def _load_messenger(cfg, data, ckpt: Checkpointer, round_: int, run_dir: Path) -> TrainedModel:
-    from fedjax_code.experiments.messenger import messenger_config
+def load_personal(run_dir: Path, clients: list[int]) -> tuple[object, list[dict]] | None:
+    """(ModelConfig, params per client): the personal models of ``clients`` (LoRA merged) as the run's algorithm
+    defines them, from its client store and latest checkpoint (a client that never trained: the model it would start
+    from); None when the algorithm keeps no personal models."""
+    run_dir = Path(run_dir)
+    cfg, data = read_config(run_dir)
+    spec = algorithm_spec(cfg.federated.algorithm)
+    setup = _setup(run_dir, cfg, data)
+    hooks = None
+    if spec.needs_models:
+        from fedjax_code.experiments.messenger import Messenger
 
-    model = messenger_config(cfg, data.vocab_size, ckpt.meta(round_)["messenger_scale"])
-    algorithm = build_algorithm(cfg.federated, None, models=Models(None, None, None, cfg.seed))
-    template = algorithm.init_server(init_params(model, jax.random.PRNGKey(0)), data.num_clients)
-    server, _, _ = ckpt.restore(round_, template, None)
+        hooks = Messenger(cfg, setup.config, data.vocab_size).models(setup.base)
+    algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b), models=hooks)
+    if algorithm.personal is None:
+        return None
+    ckpt, round_ = _checkpoint(run_dir, None)
+    server, _ = _server(cfg, data, setup, ckpt, round_)
     ckpt.close()
-    return TrainedModel(cfg, model, server.params, load_tokenizer(run_dir / "tokenizer"), round_, server.params)
+    row = jax.eval_shape(algorithm.init_client, server, jnp.int32(0))
+    rows, fresh = ClientStore(run_dir / "client_state", row, data.num_clients).gather(clients)
+    rows = with_fresh(algorithm, server, rows, fresh, jnp.asarray(clients, jnp.int32))
+    params = []
+    for i in range(len(clients)):
+        personal = algorithm.personal(server, jax.tree.map(lambda x: x[i], rows))  # noqa: B023 (used at once)
+        model, merged = lora.merge(setup.config, lora.join(setup.base, personal))
+        params.append(merged)
+    return model, params

@@ -120,3 +120,33 @@ def test_personalised_rounds_in_a_loop_equal_one_vmap(which):
     expected = one_round(make(None), linreg_params(), cohort, num_clients=6, rounds=2)
     for parallel in (1, 2):
         close(one_round(make(parallel), linreg_params(), cohort, num_clients=6, rounds=2), expected)
+
+
+def test_humaneval_of_a_ditto_run_adds_its_personal_models_nll(tmp_path):
+    """eval humaneval of a personalised run: ``nll`` is the global model's, ``personal_nll`` the mean over four
+    clients of their personal models' (here Ditto's stored rows, or the global model for a client that never
+    trained), computed again here from the client store."""
+    import numpy as np
+
+    from fedjax_code.config import EvalConfig
+    from fedjax_code.eval.humaneval import evaluate_run, prompt_prefix, select_problems
+    from fedjax_code.eval.metrics import canonical_nll
+    from fedjax_code.experiments.run import train
+    from fedjax_code.rundir import load_trained
+    from tests.test_train import tiny
+
+    run = tmp_path / "ditto"
+    train(tiny("federated.algorithm=ditto", "federated.rounds=2"), run, progress=False)
+    cfg = EvalConfig(n=1, k=(1,), problems="0:1", nll_problems="0:3", max_new_tokens=4, workers=1)
+    record = evaluate_run(run, tmp_path / "he", cfg, progress=False)
+    assert record.personal_nll_clients == [0, 2, 5, 7]
+    trained = load_trained(run)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained.params)
+    rows, fresh = fl.ClientStore(run / "client_state", template, 8).gather([0, 2, 5, 7])
+    assert 0 < fresh.sum() < 4  # some of them trained, some not
+    problems, prefix = select_problems("0:3"), prompt_prefix(trained.tokenizer, False)
+    nlls = [canonical_nll(trained.params if f else jax.tree.map(lambda x: x[i], rows), trained.model,
+                          trained.tokenizer, problems, prefix=prefix)["nll"] for i, f in enumerate(fresh)]
+    assert record.personal_nll == pytest.approx(float(np.mean(nlls)), rel=1e-5)
+    assert record.nll == pytest.approx(canonical_nll(trained.params, trained.model, trained.tokenizer, problems,
+                                                     prefix=prefix)["nll"], rel=1e-6)

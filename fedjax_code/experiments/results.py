@@ -86,6 +86,7 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
                 "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
                 "initial_eval_loss": _blank(s.initial_eval_loss),
                 "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
+                "personal_humaneval_nll": _blank(he.personal_nll),
                 "personal_eval_loss": _blank(s.personal_eval_loss),
                 "personal_eval_loss_worst10": _blank(s.personal_client_eval_loss_worst10),
                 "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
