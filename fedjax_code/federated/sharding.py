@@ -1,8 +1,8 @@
 """Device placement for federated rounds: the only module that names devices.
 
-The cohort's client axis is split over a 1-D mesh axis 'clients'; params, server and client
-states are replicated. Algorithm code is unchanged: `jax.jit(algorithm.apply)` follows the
-inputs' shardings, so the same round runs on 1 or N devices.
+The cohort's client axis is split over a 1-D mesh axis 'clients', and so are the cohort's rows of
+per-client state (`shard_rows`); params and the server state are replicated. Algorithm code is
+unchanged: the jitted round follows the inputs' shardings, so the same round runs on 1 or N devices.
 """
 
 import jax
