@@ -61,7 +61,7 @@ def test_lora_round_equals_a_python_loop_over_clients():
     assert jax.tree.structure(state.params) == jax.tree.structure(adapters)  # only adapters are trained
 
 
-@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam"])
+@pytest.mark.parametrize("algorithm", ["fedprox", "scaffold", "fednova", "fedadam", "ditto", "fedrep", "pfedme"])
 def test_every_algorithm_runs_on_adapters_and_its_vmap_equals_a_loop(algorithm):
     """All clients in one vmap, or one after another (lax.map, the Flower way): the same round."""
     base, adapters = tiny_model()
@@ -172,6 +172,24 @@ def test_a_killed_lora_run_resumes_bit_identical(pretrained_dir, lora_run, tmp_p
     train(cfg, out, resume=True, progress=False)
     assert metrics(out) == metrics(lora_run)
     equal(checkpointed(out, cfg).params, checkpointed(lora_run, cfg).params)
+
+
+def test_messengers_with_private_lora_adapters(pretrained_dir, tmp_path):
+    """On a pretrained base, each client's private model is LoRA adapters (stored per client, never sent) and the
+    messenger a small decoder of its own that is sent and evaluated."""
+    from fedjax_code.rundir import load_personal, load_trained
+
+    cfg = lora_cfg(pretrained_dir, "federated.algorithm=messengers", "model.base=cpu-1", "federated.rounds=2")
+    train(cfg, tmp_path / "run", progress=False)
+    adapters = Simulation(cfg, progress=False).trainable
+    store = sorted(p.name for p in (tmp_path / "run" / "client_state").glob("leaf*.bin"))
+    assert len(store) == len(jax.tree.leaves(adapters))  # a private row is the adapters
+    messenger = load_trained(tmp_path / "run")
+    assert messenger.model.d_model == 32 and messenger.model.lora_rank == 0  # cpu-1 at 0.25
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["bytes_down"] == 4 * 4 * sum(x.size for x in jax.tree.leaves(messenger.params))  # 4 clients, fp32
+    model, personal = load_personal(tmp_path / "run", [0, 1])
+    assert model.lora_rank == 0 and len(personal) == 2  # merged private models on the pretrained base
 
 
 def test_export_merged_and_peft_adapters_load_in_transformers(pretrained_dir, lora_run, tmp_path):
