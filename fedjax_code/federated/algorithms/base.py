@@ -58,10 +58,15 @@ class FederatedAlgorithm(NamedTuple):
         return server_new, (scatter(rows, cohort.ids, cohort_rows, cohort.mask), written), metrics
 
 
+def per_client(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-client values ``v`` [C] shaped to broadcast against a leaf ``x`` [C, ...]."""
+    return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def with_fresh(algorithm: FederatedAlgorithm, server: ServerState, rows: PyTree, fresh: jax.Array, ids: jax.Array):
     """The cohort's rows, with ``init_client(server, id)`` in place of those never written (``fresh``)."""
     init = jax.vmap(algorithm.init_client, in_axes=(None, 0))(server, ids)
-    pick = lambda a, b: jnp.where(fresh.reshape((-1,) + (1,) * (a.ndim - 1)), a, b.astype(a.dtype))  # noqa: E731
+    pick = lambda a, b: jnp.where(per_client(fresh, a), a, b.astype(a.dtype))  # noqa: E731
     return jax.tree.map(pick, init, rows)
 
 

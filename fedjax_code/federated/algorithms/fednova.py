@@ -8,7 +8,8 @@ import optax
 from ..aggregate import normalized_weights, weighted_sum
 from ..client import LossFn
 from ..schedules import Schedule
-from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_step, stateless_init
+from .base import (FederatedAlgorithm, client_lr_scale, per_client, round_metrics, run_clients, server_step,
+                   stateless_init)
 from .registry import AlgorithmSpec, register
 
 
@@ -28,7 +29,7 @@ def fednova(
                                            lr_scale=client_lr_scale(client_schedule, state))
         p = normalized_weights(cohort.weights, cohort.mask)
         tau = jnp.maximum(taus, 1).astype(jnp.float32)
-        normalised = jax.tree.map(lambda d: d / tau.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype), deltas)
+        normalised = jax.tree.map(lambda d: d / per_client(tau, d).astype(d.dtype), deltas)
         tau_eff = jnp.sum(p * tau)
         update = jax.tree.map(lambda d: (tau_eff * d).astype(d.dtype), weighted_sum(normalised, p, cohort.mask))
         state = server_step(state, update, server_opt)

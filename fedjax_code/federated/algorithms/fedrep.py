@@ -60,8 +60,7 @@ def fedrep(
 
     def apply(state, heads, cohort):
         scale = client_lr_scale(client_schedule, state)
-        names = head_paths(state.params, head)
-        body = split(state.params, names)[1]
+        server_head, body = split(state.params, head_paths(state.params, head))
 
         def local(xs):
             h, batches, step_mask = xs
@@ -73,7 +72,7 @@ def fedrep(
             return h, db, loss, tau
 
         heads, body_deltas, losses, taus = map_clients(local, (heads, cohort.batches, cohort.step_mask), parallel)
-        no_head = jax.tree.map(jnp.zeros_like, split(state.params, names)[0])
+        no_head = jax.tree.map(jnp.zeros_like, server_head)
         delta = join(state.params, no_head, aggregate(body_deltas, cohort.weights, cohort.mask))
         return server_step(state, delta, server_opt), heads, round_metrics(losses, taus, cohort)
 

@@ -8,8 +8,8 @@ import optax
 from ..aggregate import aggregate
 from ..client import LossFn
 from ..schedules import Schedule
-from .base import FederatedAlgorithm, client_lr_scale, map_clients, round_metrics, run_clients, server_step, \
-    stateless_init
+from .base import (FederatedAlgorithm, client_lr_scale, map_clients, per_client, round_metrics, run_clients,
+                   server_step, stateless_init)
 from .registry import AlgorithmSpec, register
 
 
@@ -57,8 +57,7 @@ def pfedme(
             return personal(jax.tree.map(jnp.add, state.params, delta), batch)
 
         new = map_clients(last_personal, (deltas, cohort.batches, taus), parallel)
-        trained = lambda n, t: jnp.where((taus > 0).reshape((-1,) + (1,) * (n.ndim - 1)), n, t)  # noqa: E731
-        thetas = jax.tree.map(trained, new, thetas)
+        thetas = jax.tree.map(lambda n, t: jnp.where(per_client(taus > 0, n), n, t), new, thetas)
         step = jax.tree.map(lambda d: (beta * d).astype(d.dtype), aggregate(deltas, cohort.weights, cohort.mask))
         return server_step(state, step, server_opt), thetas, round_metrics(losses, taus, cohort)
 

@@ -8,12 +8,9 @@ import optax
 from ..aggregate import aggregate, weighted_sum
 from ..client import LossFn
 from ..schedules import Schedule
-from .base import FederatedAlgorithm, client_lr_scale, round_metrics, run_clients, server_init, server_step
+from .base import (FederatedAlgorithm, client_lr_scale, per_client, round_metrics, run_clients, server_init,
+                   server_step)
 from .registry import AlgorithmSpec, register
-
-
-def _per_client(v, x):
-    return v.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
 def scaffold(
@@ -51,7 +48,7 @@ def scaffold(
         deltas, losses, taus = run_clients(state.params, cohort, client_opt, loss_fn, corrections=corr,
                                            parallel=parallel, lr_scale=scale)
         inv = 1.0 / (jnp.maximum(taus, 1).astype(jnp.float32) * (client_lr * scale))
-        c_new = jax.tree.map(lambda ci, cg, d: ci - cg[None] - d * _per_client(inv, d), c_i, c, deltas)
+        c_new = jax.tree.map(lambda ci, cg, d: ci - cg[None] - d * per_client(inv, d).astype(d.dtype), c_i, c, deltas)
         dc = jax.tree.map(jnp.subtract, c_new, c_i)
         c_sum = weighted_sum(dc, jnp.full(cohort.mask.shape, 1.0 / n), cohort.mask)
         state = server_step(state, aggregate(deltas, cohort.weights, cohort.mask), server_opt)
