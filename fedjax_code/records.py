@@ -121,6 +121,8 @@ class HumanEvalRecord:
     run: str | None = None     # `eval humaneval`: the run and round sampled, and how
     round: int | None = None
     model: str | None = None   # `eval humaneval --model`: the pretrained source sampled
+    personal_client: int | None = None  # set when pass@k, nll and decoding are this client's personal model's
+    #                                   # (its algorithm's server model is not deployable: FedRep's)
     n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -134,4 +136,4 @@ class HumanEvalRecord:
     nll_problems: int | None = None
     nll_per_task: dict | None = None
     personal_nll: float | None = None    # personalised runs: the mean NLL of some clients' personal models
-    personal_nll_clients: list | None = None  # (``nll`` is the global model's, or the messenger's)
+    personal_nll_clients: list | None = None  # (``nll`` is the evaluated model's: see ``personal_client``)

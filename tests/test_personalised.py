@@ -150,3 +150,40 @@ def test_humaneval_of_a_ditto_run_adds_its_personal_models_nll(tmp_path):
     assert record.personal_nll == pytest.approx(float(np.mean(nlls)), rel=1e-5)
     assert record.nll == pytest.approx(canonical_nll(trained.params, trained.model, trained.tokenizer, problems,
                                                      prefix=prefix)["nll"], rel=1e-6)
+
+
+def test_deploys_personal_when_the_server_lacks_a_trained_part():
+    assert fl.deploys_personal(fl_config("fedrep", "^b$"), linreg_params())
+    for algorithm, head in (("fedrep", "none"), ("fedavg", "last"), ("ditto", "last"), ("pfedme", "last")):
+        assert not fl.deploys_personal(fl_config(algorithm, head), linreg_params())
+
+
+def test_humaneval_of_a_fedrep_run_samples_a_personal_model(tmp_path):
+    """FedRep's server model keeps its initial head, so eval humaneval samples and scores client 0's personal model
+    (the server's body with client 0's head from the store) and says so; a past checkpoint has no such model."""
+    from fedjax_code.config import EvalConfig
+    from fedjax_code.errors import UserError
+    from fedjax_code.eval.humaneval import evaluate_run, prompt_prefix, select_problems
+    from fedjax_code.eval.metrics import canonical_nll
+    from fedjax_code.experiments.run import train
+    from fedjax_code.rundir import load_trained
+    from tests.test_train import tiny
+
+    run = tmp_path / "fedrep"
+    train(tiny("federated.algorithm=fedrep", "federated.rounds=2", "federated.participation=1.0"), run,
+          progress=False)
+    cfg = EvalConfig(n=1, k=(1,), problems="0:1", nll_problems="0:3", max_new_tokens=4, workers=1)
+    record = evaluate_run(run, tmp_path / "he", cfg, progress=False)
+    assert record.personal_client == 0
+    trained = load_trained(run)
+    server_head, body = split(trained.params, head_paths(trained.params, "last"))
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), server_head)
+    heads, fresh = fl.ClientStore(run / "client_state", template, 8).gather([0])
+    assert not fresh[0]  # client 0 trained its head
+    own = join(trained.params, jax.tree.map(lambda x: x[0], heads), body)
+    problems, prefix = select_problems("0:3"), prompt_prefix(trained.tokenizer, False)
+    nll = lambda params: canonical_nll(params, trained.model, trained.tokenizer, problems, prefix=prefix)["nll"]
+    assert record.nll == pytest.approx(nll(own), rel=1e-5)
+    assert abs(record.nll - nll(trained.params)) > 1e-3  # not the server model
+    with pytest.raises(UserError, match="omit --checkpoint"):
+        evaluate_run(run, tmp_path / "he2", cfg, checkpoint=run / "checkpoints" / "2", progress=False)

@@ -25,7 +25,7 @@ def _dump(path, obj):
 
 
 def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eval_losses=(4.0, 3.0), passes=None,
-                nll=None, n=10, tokens_seen=50_000, personal=None):
+                nll=None, n=10, tokens_seen=50_000, personal=None, personal_client=None):
     """A cell directory as the sweep runner writes it; ``passes`` maps task -> passing samples out of ``n``."""
     _dump(cell_dir / "cell.json", {"id": cell_dir.name, "axes": axes, "status": status, "error": error,
                                    "rounds": 2 * len(eval_losses), "train_s": 1.0, "eval_s": 1.0})
@@ -58,7 +58,7 @@ def _write_cell(cell_dir, axes, status="done", error=None, params=1_000_000, eva
     write_json(cell_dir / "humaneval" / "humaneval.json", HumanEvalRecord(
         pass_at_k=pass_at_k(results, (1, 10)), samples=len(results), passed=sum(r["passed"] for r in results),
         executions_per_s=100.0, timeout=3.0, isolation={}, nll=float(np.mean(list(nll.values()))),
-        nll_per_task=nll, decode_tokens_per_s=99.0, n=n, problems=len(passes)))
+        nll_per_task=nll, decode_tokens_per_s=99.0, n=n, problems=len(passes), personal_client=personal_client))
 
 
 def make_sweep(root, cells, target=3.0, bootstrap=200, write_cells=True, scale_axis=None):
@@ -272,6 +272,9 @@ def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_p
     cells = [({"algorithm": alg, "partition": part}, {"eval_losses": (4.0, loss), "personal": personal})
              for alg, part, loss, personal in (("fedavg", "iid", 3.0, None), ("fedavg", "dirichlet-0.1", 3.4, None),
                                                ("ditto", "iid", 3.0, 2.9), ("ditto", "dirichlet-0.1", 3.3, 2.6))]
+    cells += [({"algorithm": "fedrep", "partition": part}, {"eval_losses": (4.0, 8.0), "personal": personal,
+                                                            "personal_client": 0})
+              for part, personal in (("iid", 3.0), ("dirichlet-0.1", 3.5))]  # a server model without its heads
     write_report(make_sweep(tmp_path, cells, target=3.5))
     md = (tmp_path / "report.md").read_text()
     assert "On dirichlet-0.1 data, ditto closes the non-IID gap most" in md
@@ -283,6 +286,12 @@ def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_p
     assert ditto.endswith("| 3.8 | 2.6 | -0.7 |  | 4 | 2 | 99 |")  # worst10 = loss + 0.5; round 4 meets 3.5; no personal NLL
     rows = {r["algorithm"] + r["partition"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert rows["dittodirichlet-0.1"]["personal_eval_loss"] == "2.6" and rows["fedavgiid"]["personal_eval_loss"] == ""
+    # FedRep's figures are its personal models' (the models its clients deploy), never its headless server model's
+    assert "fedrep: every figure is of the personal models" in md
+    fedrep = next(line for line in md.splitlines() if line.startswith("| fedrep | dirichlet-0.1 |"))
+    assert fedrep.startswith("| fedrep | dirichlet-0.1 | 3 | 3.5 | 0.5 |") and "| 3.5 |  |  |" in fedrep
+    assert rows["fedrepiid"]["evaluated_model"] == "personal (client 0)" and rows["fedrepiid"]["final_eval_loss"] == "3.0"
+    assert rows["dittoiid"]["evaluated_model"] == "global"
 
 
 def test_noniid_gap_against_seed_spread():

@@ -38,6 +38,7 @@ from fedjax_code.data.tokenizer import special_ids
 from fedjax_code.errors import UserError
 from fedjax_code.eval.execute import Sandbox, check_completions
 from fedjax_code.eval.metrics import canonical_nll, pass_at_k
+from fedjax_code.federated import deploys_personal
 from fedjax_code.models.decode import (
     HUMANEVAL_STOP, TRACE_COUNTS, bucket_length, generate_with_stats, truncate_completion,
 )
@@ -46,6 +47,7 @@ from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 DECODE_ROWS = 16  # sequences decoded together
 PARTIAL = "samples.partial.jsonl"  # the finished batches of an evaluation still running or interrupted
 PERSONAL_NLL_CLIENTS = 4  # personalised runs: clients whose personal models' canonical NLL is also measured
+DEPLOYED_CLIENT = 0  # whose personal model is sampled when the server's model is not deployable (FedRep's)
 
 
 def select_problems(spec: str | None = None) -> list[dict]:
@@ -217,12 +219,20 @@ def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | N
                  progress: bool = True) -> HumanEvalRecord:
     """Sample, execute and score a trained run on HumanEval; writes ``out`` and returns humaneval.json's record.
 
-    Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
+    The model evaluated is the global model (or messenger), unless its clients would deploy their personal
+    models instead (``federated.deploys_personal``: FedRep's server never holds a trained head); then it is
+    client DEPLOYED_CLIENT's personal model, named in the record's ``personal_client``. Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
     """
     trained = rundir.load_trained(run_dir, checkpoint)
     pretrained = bool(trained.config.model.pretrained)  # prompted as it trained: components.data_config
-    record = _evaluate(trained.params, trained.model, trained.tokenizer, pretrained, out, cfg, progress,
-                       run=str(run_dir), round=trained.round)
+    model, params, provenance = trained.model, trained.params, {"run": str(run_dir), "round": trained.round}
+    if deploys_personal(trained.config.federated, trained.trainable):
+        if checkpoint is not None:
+            raise UserError(f"{trained.config.federated.algorithm}'s server model lacks the part each client keeps, "
+                            "and its personal models exist for the latest checkpoint only: omit --checkpoint")
+        model, [params] = rundir.load_personal(run_dir, [DEPLOYED_CLIENT])
+        provenance["personal_client"] = DEPLOYED_CLIENT
+    record = _evaluate(params, model, trained.tokenizer, pretrained, out, cfg, progress, **provenance)
     if checkpoint is None:  # the client store holds the latest state only
         record = _add_personal_nll(run_dir, out, cfg, trained, record, prompt_prefix(trained.tokenizer, pretrained))
     return record

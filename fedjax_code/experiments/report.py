@@ -227,8 +227,9 @@ def _algorithms_section(rows: list[dict]) -> str:
     for (alg, part), loss in means[0].items():
         cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
         extra = {c: _mean_of(cells, c) for c in ALGORITHM_COLUMNS}
+        own = any(r["evaluated_model"] != "global" for r in cells)  # its figures are all the personal models'
         body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3), extra["client_eval_loss_worst10"],
-                     extra["personal_eval_loss"], extra["personal_eval_loss"] - loss[1],
+                     extra["personal_eval_loss"], np.nan if own else extra["personal_eval_loss"] - loss[1],
                      *(extra[c] for c in ("personal_humaneval_nll", "rounds_to_target", "comm_mb",
                                           "decode_tokens_per_s"))])
     body.sort(key=lambda r: (r[1], r[4]))
@@ -240,6 +241,10 @@ def _algorithms_section(rows: list[dict]) -> str:
         r = min((r for r in personal if r[1] == part), key=lambda r: r[10])
         sentences.append(f"On {part} data, {r[0]}'s personal models are {abs(r[10]):.3g} nats "
                          f"{'below' if r[10] < 0 else 'above'} its global model on their own clients' held-out splits.")
+    own = sorted({r["algorithm"] for r in rows if r["evaluated_model"] != "global"})
+    if own:
+        sentences.append(f"{', '.join(own)}: every figure is of the personal models, the models its clients deploy "
+                         "(its server model lacks the part each client keeps).")
     header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
               *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), ALGORITHM_COLUMNS["client_eval_loss_worst10"],
               "personal loss", "personal - global", *(ALGORITHM_COLUMNS[c] for c in (
@@ -248,8 +253,8 @@ def _algorithms_section(rows: list[dict]) -> str:
             "cells': the global model's worst-10% client loss, the personal models' held-out loss (personalised "
             "algorithms) and its difference from the global model's, the personal models' HumanEval NLL (four "
             "clients; the NLL columns before it are the global model's, or the messenger's), rounds to the target "
-            "loss, MB sent in all, and the decode tokens/s of the model HumanEval sampled (the global model, or the "
-            "messenger).\n\n"
+            "loss, MB sent in all, and the decode tokens/s of the model HumanEval sampled (the global model, the "
+            "messenger, or a personal model where clients deploy their own).\n\n"
             + _table(header, body) + "\n")
 
 

@@ -1,6 +1,9 @@
 """A sweep directory's finished cells as rows: each cell's axes, config, run summary and HumanEval record
 (``results_rows``, the columns of results.csv), its round records, and the pretrained models' evaluations
-before fine-tuning. ``report`` turns them into the report; notebooks read them directly."""
+before fine-tuning. ``report`` turns them into the report; notebooks read them directly.
+
+A row's loss, worst-10% loss, rounds to target, HumanEval and decoding figures are of its ``evaluated_model``:
+the global model (or messenger), or where clients would deploy their own models (FedRep), their personal ones."""
 
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
     records = round_records(cell_dir)
     hits = [r.round for r in records if r.eval_loss is not None and r.eval_loss <= target]
     personal_hits = [r.round for r in records if r.personal_eval_loss is not None and r.personal_eval_loss <= target]
+    personal = he.personal_client is not None  # the model a client deploys is its own: its figures stand for the run
     row = {"cell": cell["id"], **{a: cell["axes"].get(a) for a in AXES}}
     row.update({k: v for k, v in _flatten(s.config).items() if k not in row})
     results = _results(cell_dir / "humaneval")
@@ -83,15 +87,18 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
     row.update({f"pass@{k}_ci": f"{got[1][0]:.3f}-{got[1][1]:.3f}" if got else "" for k, got in cis.items()})
     row.update({"params": m.get("params_trainable", m["params_total"]) if trainable_size else m["params_total"],
                 "model_mb": m["size_mb"]["fp32"], "tokens_seen": s.tokens_seen,
-                "train_flops": m["flops_per_token"] * s.tokens_seen, "final_eval_loss": s.eval_loss,
+                "train_flops": m["flops_per_token"] * s.tokens_seen,
+                "evaluated_model": f"personal (client {he.personal_client})" if personal else "global",
+                "final_eval_loss": s.personal_eval_loss if personal else s.eval_loss,
                 "initial_eval_loss": _blank(s.initial_eval_loss),
-                "client_eval_loss_worst10": s.client_eval_loss_worst10, "humaneval_nll": he.nll,
+                "client_eval_loss_worst10": (s.personal_client_eval_loss_worst10 if personal
+                                             else s.client_eval_loss_worst10), "humaneval_nll": he.nll,
                 "personal_humaneval_nll": _blank(he.personal_nll),
                 "personal_eval_loss": _blank(s.personal_eval_loss),
                 "personal_eval_loss_worst10": _blank(s.personal_client_eval_loss_worst10),
                 "pass@1": he.pass_at_k.get("pass@1", ""), "pass@10": he.pass_at_k.get("pass@10", ""),
-                "rounds_to_target": hits[0] if hits else "",
-                "personal_rounds_to_target": personal_hits[0] if personal_hits else "",
+                "rounds_to_target": (personal_hits or [""])[0] if personal else (hits or [""])[0],
+                "personal_rounds_to_target": (personal_hits or [""])[0],
                 "train_tokens_per_s": s.train_tokens_per_s,
                 "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
                 **{k: s.data[k] for k in DATA_COLUMNS}})

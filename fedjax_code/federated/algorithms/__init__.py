@@ -18,7 +18,7 @@ from .fedrep import fedrep
 from .pfedme import pfedme
 from .qffl import qffl
 from .registry import (REGISTRY, AlgorithmSpec, BuildContext, Models, algorithm_spec, build_algorithm,
-                       communicated_bytes, message_bytes, register)
+                       communicated_bytes, deploys_personal, message_bytes, register)
 from .scaffold import scaffold
 
 for _module in pkgutil.iter_modules(__path__):
@@ -31,6 +31,7 @@ __all__ = [
     "algorithm_spec",
     "build_algorithm",
     "communicated_bytes",
+    "deploys_personal",
     "message_bytes",
     "BuildContext",
     "Models",

@@ -96,11 +96,21 @@ def build_algorithm(f, loss_fn: LossFn, parallel: int | None = None, models: Mod
     return qffl(algorithm, loss_fn, f.qffl_q) if f.qffl_q else algorithm
 
 
+def _sent(f, params: PyTree) -> PyTree:
+    spec = algorithm_spec(f.algorithm)
+    return params if spec.sent is None else spec.sent(f, params)
+
+
 def message_bytes(f, params: PyTree) -> int:
     """Bytes of one model-sized message of the algorithm ``f`` names: the part of ``params`` it sends."""
-    spec = algorithm_spec(f.algorithm)
-    part = params if spec.sent is None else spec.sent(f, params)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(part))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(_sent(f, params)))
+
+
+def deploys_personal(f, params: PyTree) -> bool:
+    """Whether a client of the algorithm ``f`` names would deploy its personal model rather than the server's:
+    the server never holds some trained part of ``params`` (FedRep's heads stay on the clients, so its server
+    model's head is still at initialisation)."""
+    return len(jax.tree.leaves(_sent(f, params))) < len(jax.tree.leaves(params))
 
 
 def communicated_bytes(algorithm: str, model_bytes: int, selected: int, participants: int) -> tuple[int, int]:
