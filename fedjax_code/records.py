@@ -137,3 +137,5 @@ class HumanEvalRecord:
     nll_per_task: dict | None = None
     personal_nll: float | None = None    # personalised runs: the mean NLL of some clients' personal models
     personal_nll_clients: list | None = None  # (``nll`` is the evaluated model's: see ``personal_client``)
+    personal_decode_tokens_per_s: float | None = None  # a personal model's, where it is built differently from the
+    #                                                 # evaluated model (the messengers' private models)

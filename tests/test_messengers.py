@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fedjax_code import federated as fl
 from tests.test_federated import close
@@ -116,3 +117,27 @@ def test_a_messenger_run_grows_sends_its_size_and_resumes_bit_identical(tmp_path
     assert metrics(tmp_path / "b") == rows
     for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(load_trained(tmp_path / "b").params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_humaneval_of_a_messenger_run_scores_the_messenger_and_times_the_private_model(tmp_path):
+    """``nll`` and the samples are the messenger's; the private models (built at the run's scale, twice the
+    messenger's) get their own canonical NLL and, being a different architecture, their own decode tokens/s."""
+    from fedjax_code.config import EvalConfig
+    from fedjax_code.eval.humaneval import evaluate_run, prompt_prefix, select_problems
+    from fedjax_code.eval.metrics import canonical_nll
+    from fedjax_code.experiments.run import train
+    from fedjax_code.rundir import load_personal, load_trained
+    from tests.test_train import tiny
+
+    run = tmp_path / "static"
+    train(tiny(*MESSENGERS[:-1], "federated.rounds=2", "federated.messenger_growth=none"), run, progress=False)
+    cfg = EvalConfig(n=1, k=(1,), problems="0:1", nll_problems="0:2", max_new_tokens=4, workers=1)
+    record = evaluate_run(run, tmp_path / "he", cfg, progress=False)
+    messenger = load_trained(run)
+    problems, prefix = select_problems("0:2"), prompt_prefix(messenger.tokenizer, False)
+    assert record.nll == pytest.approx(canonical_nll(messenger.params, messenger.model, messenger.tokenizer,
+                                                     problems, prefix=prefix)["nll"], rel=1e-6)
+    private, _ = load_personal(run, [0])
+    assert private.d_model == 2 * messenger.model.d_model
+    assert record.personal_client is None and record.personal_nll is not None
+    assert record.personal_decode_tokens_per_s > 0

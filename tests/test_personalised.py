@@ -140,6 +140,7 @@ def test_humaneval_of_a_ditto_run_adds_its_personal_models_nll(tmp_path):
     cfg = EvalConfig(n=1, k=(1,), problems="0:1", nll_problems="0:3", max_new_tokens=4, workers=1)
     record = evaluate_run(run, tmp_path / "he", cfg, progress=False)
     assert record.personal_nll_clients == [0, 2, 5, 7]
+    assert record.personal_client is None and record.personal_decode_tokens_per_s is None  # the global's shape
     trained = load_trained(run)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trained.params)
     rows, fresh = fl.ClientStore(run / "client_state", template, 8).gather([0, 2, 5, 7])

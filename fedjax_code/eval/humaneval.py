@@ -234,14 +234,16 @@ def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | N
         provenance["personal_client"] = DEPLOYED_CLIENT
     record = _evaluate(params, model, trained.tokenizer, pretrained, out, cfg, progress, **provenance)
     if checkpoint is None:  # the client store holds the latest state only
-        record = _add_personal_nll(run_dir, out, cfg, trained, record, prompt_prefix(trained.tokenizer, pretrained))
+        prefix = prompt_prefix(trained.tokenizer, pretrained)
+        record = _add_personal_figures(run_dir, out, cfg, trained, record, prefix)
     return record
 
 
-def _add_personal_nll(run_dir, out: Path, cfg: EvalConfig, trained, record: HumanEvalRecord, prefix
-                      ) -> HumanEvalRecord:
+def _add_personal_figures(run_dir, out: Path, cfg: EvalConfig, trained, record: HumanEvalRecord, prefix
+                          ) -> HumanEvalRecord:
     """For a personalised run, the mean canonical-solution NLL of PERSONAL_NLL_CLIENTS clients' personal models
-    (clients spread evenly over the ids), added to humaneval.json beside the global model's ``nll``."""
+    (clients spread evenly over the ids), added to humaneval.json beside the evaluated model's ``nll``; and when
+    the personal models are built differently from it (the messengers' private models), their decode tokens/s."""
     k = rundir.read_config(run_dir)[1].num_clients
     clients = sorted({int(round(x)) for x in np.linspace(0, k - 1, min(k, PERSONAL_NLL_CLIENTS))})
     personal = rundir.load_personal(run_dir, clients)
@@ -251,8 +253,21 @@ def _add_personal_nll(run_dir, out: Path, cfg: EvalConfig, trained, record: Huma
     problems = select_problems(cfg.nll_problems)
     nlls = [canonical_nll(p, model, trained.tokenizer, problems, prefix=prefix)["nll"] for p in params]
     record = dataclasses.replace(record, personal_nll=float(np.mean(nlls)), personal_nll_clients=clients)
+    if model != trained.model:
+        record = dataclasses.replace(record, personal_decode_tokens_per_s=decode_speed(
+            params[0], model, trained.tokenizer, cfg, prefix))
     write_json(out / "humaneval.json", record)
     return record
+
+
+def decode_speed(params, model, tokenizer, cfg: EvalConfig, prefix) -> float:
+    """Decode tokens/s of one batch of DECODE_ROWS samples of the evaluation's first problem, sampled as the
+    evaluation samples, timed on a second call (the first compiles)."""
+    first = select_problems(cfg.problems)[:1]
+    kwargs = dict(n=DECODE_ROWS, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                  seed=cfg.seed, prefix=prefix, progress=False)
+    sample_completions(params, model, tokenizer, first, **kwargs)
+    return sample_completions(params, model, tokenizer, first, **kwargs)[1]["decode_tokens_per_s"]
 
 
 def evaluate_model(src: str, out: Path, cfg: EvalConfig, progress: bool = True) -> HumanEvalRecord:

@@ -202,10 +202,13 @@ def _gap_section(rows: list[dict], varying, plots: Path) -> str:
             + _table(header, table) + "\n")
 
 
-ALGORITHM_COLUMNS = {  # results.csv column -> its header in the algorithms table (non-IID cells, seed means)
-    "client_eval_loss_worst10": "worst-10% loss", "personal_eval_loss": "personal loss",
-    "personal_humaneval_nll": "personal HumanEval NLL", "rounds_to_target": "rounds to target", "comm_mb": "MB sent",
+GAP_COLUMNS = {  # results.csv column -> its header in the algorithms table (non-IID cells, seed means)
+    "client_eval_loss_worst10": "worst-10% loss", "rounds_to_target": "rounds to target", "comm_mb": "MB sent",
     "decode_tokens_per_s": "decode tok/s"}
+PERSONAL_COLUMNS = {  # results.csv column -> its header in the personal-models table
+    "personal_eval_loss": "personal loss", "personal_eval_loss_worst10": "personal worst-10%",
+    "personal_humaneval_nll": "personal HumanEval NLL", "personal_rounds_to_target": "personal rounds to target",
+    "personal_decode_tokens_per_s": "personal decode tok/s"}
 
 
 def _mean_of(rows: list[dict], column: str) -> float:
@@ -214,9 +217,9 @@ def _mean_of(rows: list[dict], column: str) -> float:
 
 
 def _algorithms_section(rows: list[dict]) -> str:
-    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells;
-    then the non-IID cells' worst-10% loss, personal models' loss and its gap to the global model, rounds to the
-    target loss, MB sent and the evaluated model's decode tokens/s."""
+    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells,
+    with the non-IID cells' worst-10% loss, rounds to target, MB sent and decode tokens/s; then the personalised
+    algorithms' personal models per partition (``_personal_table``)."""
     second, means = _second_metric(rows), []
     for metric in ("final_eval_loss", second):
         acc = defaultdict(list)
@@ -226,35 +229,53 @@ def _algorithms_section(rows: list[dict]) -> str:
     body = []
     for (alg, part), loss in means[0].items():
         cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
-        extra = {c: _mean_of(cells, c) for c in ALGORITHM_COLUMNS}
-        own = any(r["evaluated_model"] != "global" for r in cells)  # its figures are all the personal models'
-        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3), extra["client_eval_loss_worst10"],
-                     extra["personal_eval_loss"], np.nan if own else extra["personal_eval_loss"] - loss[1],
-                     *(extra[c] for c in ("personal_humaneval_nll", "rounds_to_target", "comm_mb",
-                                          "decode_tokens_per_s"))])
+        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3),
+                     *(_mean_of(cells, c) for c in GAP_COLUMNS)])
     body.sort(key=lambda r: (r[1], r[4]))
-    best = [next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body)]
     sentences = [f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
-                 "against iid, averaged over matched cells)." for r in best]
-    personal = [r for r in body if np.isfinite(r[10])]
-    for part in dict.fromkeys(r[1] for r in personal):
-        r = min((r for r in personal if r[1] == part), key=lambda r: r[10])
-        sentences.append(f"On {part} data, {r[0]}'s personal models are {abs(r[10]):.3g} nats "
-                         f"{'below' if r[10] < 0 else 'above'} its global model on their own clients' held-out splits.")
+                 "against iid, averaged over matched cells)."
+                 for r in (next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body))]
     own = sorted({r["algorithm"] for r in rows if r["evaluated_model"] != "global"})
     if own:
         sentences.append(f"{', '.join(own)}: every figure is of the personal models, the models its clients deploy "
                          "(its server model lacks the part each client keeps).")
     header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
-              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), ALGORITHM_COLUMNS["client_eval_loss_worst10"],
-              "personal loss", "personal - global", *(ALGORITHM_COLUMNS[c] for c in (
-                  "personal_humaneval_nll", "rounds_to_target", "comm_mb", "decode_tokens_per_s"))]
+              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), *GAP_COLUMNS.values()]
     return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
-            "cells': the global model's worst-10% client loss, the personal models' held-out loss (personalised "
-            "algorithms) and its difference from the global model's, the personal models' HumanEval NLL (four "
-            "clients; the NLL columns before it are the global model's, or the messenger's), rounds to the target "
-            "loss, MB sent in all, and the decode tokens/s of the model HumanEval sampled (the global model, the "
-            "messenger, or a personal model where clients deploy their own).\n\n"
+            "cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode tokens/s "
+            "of the model HumanEval sampled (the global model, the messenger, or a personal model where clients "
+            "deploy their own).\n\n" + _table(header, body) + "\n" + _personal_table(rows))
+
+
+def _personal_table(rows: list[dict]) -> str:
+    """Per personalised (algorithm, partition), seed means: the global (evaluated) model's held-out loss beside
+    the personal models' on their own clients' held-out splits, their fairness, NLL, rounds and decode speed."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("personal_eval_loss") not in ("", None):
+            groups[(r["algorithm"], r["partition"])].append(r)
+    if not groups:
+        return ""
+    body = []
+    for (alg, part), cells in groups.items():
+        own = any(r["evaluated_model"] != "global" for r in cells)
+        loss, personal = _mean_of(cells, "final_eval_loss"), _mean_of(cells, "personal_eval_loss")
+        body.append([alg, part, np.nan if own else loss, np.nan if own else personal - loss,
+                     *(_mean_of(cells, c) for c in PERSONAL_COLUMNS)])
+    body.sort(key=lambda r: (r[1], r[4]))
+    sentences = []
+    for part in dict.fromkeys(r[1] for r in body):
+        best = min((r for r in body if r[1] == part and np.isfinite(r[3])), key=lambda r: r[3], default=None)
+        if best is not None:
+            sentences.append(f"On {part} data, {best[0]}'s personal models are {abs(best[3]):.3g} nats "
+                             f"{'below' if best[3] < 0 else 'above'} its global model on their own clients' "
+                             "held-out splits.")
+    header = ["algorithm", "partition", "global loss", "personal - global", *PERSONAL_COLUMNS.values()]
+    return ("\n### Personal models\n\n" + " ".join(sentences) + " Each client's personal model is scored on its "
+            "own held-out split (a client that never trained: the model it would start from). The global loss is "
+            "blank where the server's model is not deployable (FedRep). The personal HumanEval NLL is the mean over "
+            "four clients; personal decode tok/s is measured only where the personal model is built differently "
+            "from the evaluated one (the messengers' private models), elsewhere it is the table above's.\n\n"
             + _table(header, body) + "\n")
 
 

@@ -101,6 +101,7 @@ def _row(cell_dir: Path, cell: dict, target, trainable_size: bool = False) -> di
                 "personal_rounds_to_target": (personal_hits or [""])[0],
                 "train_tokens_per_s": s.train_tokens_per_s,
                 "decode_tokens_per_s": he.decode_tokens_per_s, "comm_mb": s.comm_mb,
+                "personal_decode_tokens_per_s": _blank(he.personal_decode_tokens_per_s),
                 **{k: s.data[k] for k in DATA_COLUMNS}})
     return row
 
