@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole simulation: server state, stacked client states, round and config.
+"""Orbax checkpoints of the simulation's server state and a JSON meta dict (the round, a messenger's size).
+Per-client state lives in the run's client store (``federated.client_store``), committed with each checkpoint.
 
 Nothing random needs saving: every key derives from (seed, round, client), so a run restored at
 round r continues exactly as the uninterrupted run would (bit-identical on the same devices).
@@ -14,8 +15,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
+LEGACY = {"clients": None}  # the empty slot stacked client states had: kept so that earlier checkpoints restore
+
+
 class Checkpointer:
-    """Save/restore ``{server, clients}`` pytrees plus a JSON ``meta`` dict, keeping the last few."""
+    """Save/restore the server state pytree plus a JSON ``meta`` dict, keeping the last few."""
 
     def __init__(self, directory: Path, keep: int = 2):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -27,17 +31,17 @@ class Checkpointer:
     def all_rounds(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, round_: int, server, clients, meta: dict) -> None:
-        state = ocp.args.StandardSave({"server": server, "clients": clients})
+    def save(self, round_: int, server, meta: dict) -> None:
+        state = ocp.args.StandardSave({"server": server, **LEGACY})
         self._manager.save(round_, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)))
         self._manager.wait_until_finished()
 
-    def restore(self, round_: int, server_like, clients_like):
-        """(server, clients, meta) at ``round_``; the ``*_like`` pytrees give structure, shapes and dtypes."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"server": server_like, "clients": clients_like})
+    def restore(self, round_: int, server_like):
+        """(server, meta) at ``round_``; ``server_like`` gives the structure, shapes and dtypes."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"server": server_like, **LEGACY})
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         restored = self._manager.restore(round_, args=args)
-        return restored.state["server"], restored.state["clients"], restored.meta
+        return restored.state["server"], restored.meta
 
     def meta(self, round_: int) -> dict:
         """The JSON ``meta`` saved with ``round_``, without reading the arrays."""

@@ -138,7 +138,7 @@ def _server(cfg: ExperimentConfig, data: DataProvenance, setup, ckpt: Checkpoint
     else:
         model, template = setup.config, setup.trainable
         algorithm = build_algorithm(cfg.federated, lambda p, b: loss_fn(p, setup.config, b))
-    return ckpt.restore(round_, algorithm.init_server(template, data.num_clients), None)[0], model
+    return ckpt.restore(round_, algorithm.init_server(template, data.num_clients))[0], model
 
 
 def load_trained(run_dir: Path, checkpoint: Path | None = None) -> TrainedModel:

@@ -133,7 +133,7 @@ def lora_run(pretrained_dir, tmp_path_factory):
 
 def checkpointed(run_dir, cfg):
     ckpt = Checkpointer(run_dir / "checkpoints")
-    return ckpt.restore(ckpt.latest_round(), Simulation(cfg, progress=False).init_server(), None)[0]
+    return ckpt.restore(ckpt.latest_round(), Simulation(cfg, progress=False).init_server())[0]
 
 
 def test_a_lora_run_trains_sends_and_checkpoints_only_its_adapters(pretrained_dir, lora_run):

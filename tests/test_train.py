@@ -42,7 +42,7 @@ def final_state(run_dir):
     ckpt = Checkpointer(run_dir / "checkpoints")
     from fedjax_code.experiments.run import Simulation
 
-    return ckpt.restore(ckpt.latest_round(), Simulation(tiny(), progress=False).init_server(), None)[0]
+    return ckpt.restore(ckpt.latest_round(), Simulation(tiny(), progress=False).init_server())[0]
 
 
 @pytest.fixture(scope="module")

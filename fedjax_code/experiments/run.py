@@ -231,7 +231,7 @@ def train(cfg: ExperimentConfig, out: Path, resume: bool = False, force: bool = 
         sim.messenger.restore(ckpt.meta(start))  # its size at the checkpoint
     server = sim.init_server()
     if start:
-        server, _, _ = ckpt.restore(start, server, None)
+        server, _ = ckpt.restore(start, server)
     elif not (out / INITIAL_EVAL).is_file():  # the model before any round: a pretrained model's own loss
         write_json(out / INITIAL_EVAL, sim.evaluate(server.params))
     store = sim.client_store(out, server)
@@ -270,7 +270,7 @@ def _run_rounds(sim: Simulation, out: Path, ckpt: Checkpointer, server, store: f
             tokens_seen = record.tokens_seen
             bar.set_postfix(loss=f"{record.train_loss:.3f}")
             if (r + 1) % t.checkpoint_every == 0 or r + 1 == f.rounds:
-                ckpt.save(r + 1, server, None, {"round": r + 1, **(sim.messenger.state() if sim.messenger else {})})
+                ckpt.save(r + 1, server, {"round": r + 1, **(sim.messenger.state() if sim.messenger else {})})
                 if store is not None:
                     store.commit(r + 1)
 
