@@ -143,6 +143,26 @@ def test_rerun_skips_finished_cells_and_refuses_another_spec(tiny_sweep, tiny_sw
     assert code == 2 and "pass --force" in err
 
 
+def test_a_sweep_extends_with_another_seed(tiny_sweep, tiny_sweep_spec, tmp_path):
+    """More grid values (a second seed) extend a sweep: its finished cells are kept, only the new ones run."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_sweep, out)
+    spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.seed=[0,1]", "grid.scale=[1.0,0.5]"])
+    saved = json.loads((out / "sweep.json").read_text())["spec"]
+    assert sweep.extends(saved, spec) and not sweep.extends(spec, saved)
+    assert not sweep.extends(saved, sweep.load_spec(str(tiny_sweep_spec), ["grid.seed=[1]"]))  # drops seed 0
+    outcomes = sweep.run_sweep(spec, out, progress=False, log=lambda line: None)
+    assert sorted(o.status for o in outcomes) == ["done"] * 4 + ["skipped"] * 4
+    listed = json.loads((out / "sweep.json").read_text())["cells"]
+    assert [c["axes"]["seed"] for c in listed] == [0, 1] * 4 and [c["axes"]["scale"] for c in listed[:2]] == [1.0] * 2
+    for cell in listed:  # seed 0's cells are the fixture's, untouched
+        run = out / "cells" / cell["id"] / "run"
+        if cell["axes"]["seed"] == 0:
+            assert (run / "metrics.jsonl").read_text() == (tiny_sweep / "cells" / cell["id"] / "run" /
+                                                           "metrics.jsonl").read_text()
+        assert json.loads((run / "summary.json").read_text())["config"]["seed"] == cell["axes"]["seed"]
+
+
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(tiny_sweep_spec, tmp_path):
     # FedProx at an absurd learning rate diverges at run time: that cell fails, the FedAvg cell still runs.
     spec = sweep.load_spec(str(tiny_sweep_spec), ["grid.scale=[0.5]", "grid.partition=['iid']",

@@ -257,16 +257,25 @@ class CellOutcome:
     error: str | None = None
 
 
+def extends(saved: dict, spec: dict) -> bool:
+    """Whether ``spec`` is ``saved`` with more grid values (another seed, say): the same settings, and a grid whose
+    cells include every saved cell, so each finished cell stays valid."""
+    rest = lambda s: {k: v for k, v in s.items() if k != "grid"}  # noqa: E731
+    new = {c["id"]: c["axes"] for c in cells(spec)}
+    return rest(saved) == rest(spec) and all(new.get(c["id"]) == c["axes"] for c in cells(saved))
+
+
 def _open_sweep_dir(out: Path, spec: dict, force: bool) -> None:
     marker = out / "sweep.json"
     if marker.is_file():
-        saved = json.loads(marker.read_text())["spec"]
-        if saved == json.loads(json.dumps(spec)) and not force:
+        saved, spec = json.loads(marker.read_text())["spec"], json.loads(json.dumps(spec))
+        if saved == spec and not force:
             return
-        if not force:
-            raise UserError(f"{out} holds a sweep with another spec; pass --force to overwrite it "
-                            "or choose another --out")
-        shutil.rmtree(out)
+        if not force and not extends(saved, spec):
+            raise UserError(f"{out} holds a sweep with another spec; pass --force to overwrite it, choose "
+                            "another --out, or only add grid values (a seed, a scale) to extend it")
+        if force:
+            shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} is not empty and holds no sweep; choose another --out or pass --force")
     elif out.exists() and force:
