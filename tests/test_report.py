@@ -293,6 +293,8 @@ def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_p
     assert rows["dittodirichlet-0.1"]["personal_eval_loss"] == "2.6" and rows["fedavgiid"]["personal_eval_loss"] == ""
     # FedRep's figures are its personal models' (the models its clients deploy), never its headless server model's
     assert "fedrep: every figure is of the personal models" in md
+    assert "![algorithms](plots/algorithms.png)" in md
+    assert (tmp_path / "plots" / "algorithms.png").read_bytes().startswith(b"\x89PNG")
     fedrep = next(line for line in md.splitlines() if line.startswith("| fedrep | dirichlet-0.1 |"))
     assert fedrep.startswith("| fedrep | dirichlet-0.1 | 3 | 3.5 | 0.5 |")
     assert "| fedrep | dirichlet-0.1 |  |  | 3.5 |" in personal  # no deployable global model to compare with

@@ -24,7 +24,8 @@ from fedjax_code.experiments.results import AXES, before_results, load_sweep, ro
 from fedjax_code.experiments.tuning import read_chosen
 from fedjax_code.records import write_atomic
 
-PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "clients_vs_size.png", "lr_tuning.png")
+PLOTS = ("pass_at_k.png", "loss_fits.png", "curves.png", "noniid_gap.png", "algorithms.png", "clients_vs_size.png",
+         "lr_tuning.png")
 MD_COLUMNS = ("cell", *AXES, "params", "tokens_seen", "initial_eval_loss", "final_eval_loss", "unigram_entropy",
               "heterogeneity", "humaneval_nll", "pass@1", "pass@10", "pass@10_ci", "rounds_to_target")
 FIT_COLUMNS = ("line", "metric", "E", "A", "alpha", "rmse", "points", "note")
@@ -216,10 +217,46 @@ def _mean_of(rows: list[dict], column: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _algorithms_section(rows: list[dict]) -> str:
+def _round_means(cell_dirs, field: str) -> tuple[list, list]:
+    """(rounds, mean over the cells) of a RoundRecord field at the rounds that have it."""
+    acc = defaultdict(list)
+    for cell_dir in cell_dirs:
+        for rec in round_records(cell_dir):
+            if getattr(rec, field) is not None:
+                acc[rec.round].append(getattr(rec, field))
+    return sorted(acc), [float(np.mean(acc[k])) for k in sorted(acc)]
+
+
+def _algorithms_plot(done, plots: Path) -> None:
+    """Per partition, held-out loss and worst-10% client loss against round, one colour per algorithm: the global
+    model solid (left out where it is not deployable), the personal models dashed; seed means."""
+    partitions = sorted({r["partition"] for r, _ in done}, key=lambda p: (p != "iid", p))
+    algorithms = list(dict.fromkeys(r["algorithm"] for r, _ in done))
+    fig, axes = _subplots(2 * len(partitions))
+    for p, part in enumerate(partitions):
+        pair = axes[2 * p: 2 * p + 2]
+        for a, alg in enumerate(algorithms):
+            cells = [(r, d) for r, d in done if (r["partition"], r["algorithm"]) == (part, alg)]
+            deployable = all(r["evaluated_model"] == "global" for r, _ in cells)
+            labelled = p > 0
+            for ax, fields in zip(pair, (("eval_loss", "personal_eval_loss"),
+                                         ("client_eval_loss_worst10", "personal_client_eval_loss_worst10"))):
+                for field, style in zip(fields, ("-", "--")):
+                    x, y = _round_means([d for _, d in cells], field)
+                    if x and (deployable or style == "--"):
+                        ax.plot(x, y, style, color=f"C{a % 10}", label=None if labelled else alg)
+                        labelled = True
+        pair[0].set(xlabel="round", ylabel="held-out loss", title=f"{part}: mean over clients")
+        pair[1].set(xlabel="round", ylabel="worst-10% client loss", title=f"{part}: worst 10% of clients")
+    _save(fig, axes, plots / "algorithms.png")
+
+
+def _algorithms_section(done, plots: Path) -> str:
     """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells,
     with the non-IID cells' worst-10% loss, rounds to target, MB sent and decode tokens/s; then the personalised
-    algorithms' personal models per partition (``_personal_table``)."""
+    algorithms' personal models per partition (``_personal_table``) and ``_algorithms_plot``."""
+    rows = [r for r, _ in done]
+    _algorithms_plot(done, plots)
     second, means = _second_metric(rows), []
     for metric in ("final_eval_loss", second):
         acc = defaultdict(list)
@@ -244,7 +281,10 @@ def _algorithms_section(rows: list[dict]) -> str:
     return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
             "cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode tokens/s "
             "of the model HumanEval sampled (the global model, the messenger, or a personal model where clients "
-            "deploy their own).\n\n" + _table(header, body) + "\n" + _personal_table(rows))
+            "deploy their own).\n\n" + _table(header, body) + "\n" + _personal_table(rows)
+            + "\n![algorithms](plots/algorithms.png)\n\nPer partition, the held-out loss (left) and the worst 10% "
+            "of clients' loss (right) at each evaluation round, one colour per algorithm: the global model solid, "
+            "the personal models on their own clients' held-out splits dashed (seed means).\n\n")
 
 
 def _personal_table(rows: list[dict]) -> str:
@@ -401,7 +441,8 @@ def write_report(sweep_dir) -> dict:
         md.append("No non-IID gap plot: the finished cells do not include both an iid and a non-iid partition.\n\n")
     md.append(fits_table)
     if "algorithm" in varying and "noniid_gap.png" in produced:
-        md.append(_algorithms_section(rows))
+        md.append(_algorithms_section(done, plots))
+        produced.add("algorithms.png")
     if "clients" in varying:
         md.append(_clients_section(rows, varying, plots))
         produced.add("clients_vs_size.png")
