@@ -261,22 +261,28 @@ def _algorithms_section(done, plots: Path) -> str:
     for metric in ("final_eval_loss", second):
         acc = defaultdict(list)
         for g in noniid_gaps(rows, metric):
-            acc[(g["algorithm"], g["partition"])].append((g["iid"], g["noniid"], g["gap"]))
+            spread = np.nan if g["spread"] is None else g["spread"]
+            acc[(g["algorithm"], g["partition"])].append((g["iid"], g["noniid"], g["gap"], spread))
         means.append({k: list(np.mean(v, axis=0)) for k, v in acc.items()})
     body = []
     for (alg, part), loss in means[0].items():
         cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
-        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 3),
+        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 4)[:3],
                      *(_mean_of(cells, c) for c in GAP_COLUMNS)])
     body.sort(key=lambda r: (r[1], r[4]))
-    sentences = [f"On {r[1]} data, {r[0]} closes the non-IID gap most (held-out loss {r[4]:+.3g} nats "
-                 "against iid, averaged over matched cells)."
-                 for r in (next(r for r in body if r[1] == part) for part in dict.fromkeys(r[1] for r in body))]
+    sentences = []
+    for part in dict.fromkeys(r[1] for r in body):
+        best, *rest = [r for r in body if r[1] == part]
+        margin = f"{rest[0][4] - best[4]:.3g} nats less than {rest[0][0]}'s" if rest else "the only algorithm"
+        spread = ("one seed, so the seed spread is unknown" if np.isnan(best[5])
+                  else f"the gap's seed spread {best[5]:.3g}")
+        sentences.append(f"On {part} data, {best[0]} closes the non-IID gap most (held-out loss {best[4]:+.3g} "
+                         f"nats against iid, {margin}; {spread}).")
     own = sorted({r["algorithm"] for r in rows if r["evaluated_model"] != "global"})
     if own:
         sentences.append(f"{', '.join(own)}: every figure is of the personal models, the models its clients deploy "
                          "(its server model lacks the part each client keeps).")
-    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap",
+    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap", "gap seed spread",
               *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), *GAP_COLUMNS.values()]
     return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
             "cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode tokens/s "
