@@ -280,6 +280,10 @@ def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_p
     md = (tmp_path / "report.md").read_text()
     assert ("On dirichlet-0.1 data, ditto closes the non-IID gap most (held-out loss +0.3 nats against iid, 0.1 "
             "nats less than fedavg's; one seed, so the seed spread is unknown)") in md
+    answer = _answer(tmp_path)["answer"]  # one scale: the answer is the algorithms' comparison
+    assert answer.startswith("Every cell trains at one scaling factor, so no scaling factor is ranked. On "
+                             "dirichlet-0.1 data, ditto closes the non-IID gap most")
+    assert "dirichlet-0.1 (Ditto, 25% of 16) " in answer and "pass@10 is 0" not in answer
     assert "On dirichlet-0.1 data, ditto's personal models are 0.7 nats below its global model" in md
     header = next(line for line in md.splitlines() if line.startswith("| algorithm | non-IID |"))
     assert header.endswith("| worst-10% loss | rounds to target | MB sent | decode tok/s |")

@@ -151,6 +151,7 @@ def test_a_sweep_extends_with_another_seed(tiny_sweep, tiny_sweep_spec, tmp_path
     saved = json.loads((out / "sweep.json").read_text())["spec"]
     assert sweep.extends(saved, spec) and not sweep.extends(spec, saved)
     assert not sweep.extends(saved, sweep.load_spec(str(tiny_sweep_spec), ["grid.seed=[1]"]))  # drops seed 0
+    assert sweep.extends(saved, sweep.load_spec(str(tiny_sweep_spec), ["report.target_loss=6.5"]))  # report only
     outcomes = sweep.run_sweep(spec, out, progress=False, log=lambda line: None)
     assert sorted(o.status for o in outcomes) == ["done"] * 4 + ["skipped"] * 4
     listed = json.loads((out / "sweep.json").read_text())["cells"]

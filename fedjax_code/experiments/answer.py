@@ -92,13 +92,21 @@ def gap_sentence(rows: list[dict], label: str = "scale") -> str:
     if not gaps:
         return ""
     top = max(g["scale"] for g in gaps)
+    at_top = sorted((g for g in gaps if g["scale"] == top), key=lambda g: g["partition"])
+    several = len({(g["algorithm"], g["participation"], g["clients"]) for g in at_top}) > 1
     parts = []
-    for g in sorted((g for g in gaps if g["scale"] == top), key=lambda g: g["partition"]):
+    for g in at_top:
         verdict = ("one seed, so its spread is unknown" if g["real"] is None else
                    f"seed spread {g['spread']:.3f}: {'beyond' if g['real'] else 'within'} the spread")
-        parts.append(f"{g['partition']} {g['gap']:+.3f} nats ({verdict})")
+        name = f" ({_display(g['algorithm'])}, {g['participation'] * 100:g}% of {g['clients']})" if several else ""
+        parts.append(f"{g['partition']}{name} {g['gap']:+.3f} nats ({verdict})")
     return (f"At {label} {top:g}, non-IID minus IID HumanEval NLL (the one evaluation set all partitions share) is "
             f"{_join(parts)}.")
+
+
+def _display(algorithm: str) -> str:
+    """An algorithm's display name (a grid label that names a variant stays as it is)."""
+    return REGISTRY[algorithm].display if algorithm in REGISTRY else algorithm
 
 
 def _join(parts: list[str]) -> str:
@@ -122,8 +130,7 @@ def sentences(groups: list[dict], label: str = "scaling factor") -> list[str]:
         by[(g["participation"], g["algorithm"], g["clients"], g["nll_because"])].append(g)
     out = []
     for (pp, alg, k, reason), gs in by.items():
-        name = REGISTRY[alg].display if alg in REGISTRY else alg
-        prefix = f"With {pp * 100:g}% participation of {k} clients ({name})"
+        prefix = f"With {pp * 100:g}% participation of {k} clients ({_display(alg)})"
         clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
         if reason is None:
             out.append(f"{prefix}, the {label} that maximises HumanEval {metric} is {clauses}.")

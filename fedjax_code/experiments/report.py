@@ -251,12 +251,9 @@ def _algorithms_plot(done, plots: Path) -> None:
     _save(fig, axes, plots / "algorithms.png")
 
 
-def _algorithms_section(done, plots: Path) -> str:
-    """Per (algorithm, non-IID partition): loss and pass@k (or NLL), iid vs non-iid, averaged over matched cells,
-    with the non-IID cells' worst-10% loss, rounds to target, MB sent and decode tokens/s; then the personalised
-    algorithms' personal models per partition (``_personal_table``) and ``_algorithms_plot``."""
-    rows = [r for r, _ in done]
-    _algorithms_plot(done, plots)
+def _algorithm_gaps(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """(header, rows) per (algorithm, non-IID partition), sorted by loss gap: loss and the second metric iid vs
+    non-IID averaged over matched cells, the loss gap's seed spread, and the non-IID cells' GAP_COLUMNS."""
     second, means = _second_metric(rows), []
     for metric in ("final_eval_loss", second):
         acc = defaultdict(list)
@@ -269,31 +266,46 @@ def _algorithms_section(done, plots: Path) -> str:
         cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
         body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 4)[:3],
                      *(_mean_of(cells, c) for c in GAP_COLUMNS)])
-    body.sort(key=lambda r: (r[1], r[4]))
-    sentences = []
+    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap", "gap seed spread",
+              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), *GAP_COLUMNS.values()]
+    return header, sorted(body, key=lambda r: (r[1], r[4]))
+
+
+def _gap_sentences(body: list[list]) -> list[str]:
+    """Per non-IID partition: the algorithm with the smallest loss gap, its margin over the next and its spread."""
+    out = []
     for part in dict.fromkeys(r[1] for r in body):
         best, *rest = [r for r in body if r[1] == part]
         margin = f"{rest[0][4] - best[4]:.3g} nats less than {rest[0][0]}'s" if rest else "the only algorithm"
-        spread = ("one seed, so the seed spread is unknown" if np.isnan(best[5])
-                  else f"the gap's seed spread {best[5]:.3g}")
-        sentences.append(f"On {part} data, {best[0]} closes the non-IID gap most (held-out loss {best[4]:+.3g} "
-                         f"nats against iid, {margin}; {spread}).")
+        spread = "one seed, so the seed spread is unknown" if np.isnan(best[5]) else f"the gap's seed spread {best[5]:.3g}"
+        out.append(f"On {part} data, {best[0]} closes the non-IID gap most (held-out loss {best[4]:+.3g} nats "
+                   f"against iid, {margin}; {spread}).")
+    return out
+
+
+def _algorithms_section(done, plots: Path) -> tuple[str, list[str]]:
+    """The non-IID gap per algorithm (``_algorithm_gaps``), the personalised algorithms' personal models
+    (``_personal_table``) and ``_algorithms_plot``: the markdown and its summary sentences."""
+    rows = [r for r, _ in done]
+    _algorithms_plot(done, plots)
+    header, body = _algorithm_gaps(rows)
+    sentences = _gap_sentences(body)
     own = sorted({r["algorithm"] for r in rows if r["evaluated_model"] != "global"})
-    if own:
-        sentences.append(f"{', '.join(own)}: every figure is of the personal models, the models its clients deploy "
-                         "(its server model lacks the part each client keeps).")
-    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap", "gap seed spread",
-              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), *GAP_COLUMNS.values()]
-    return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)} Columns after the gaps are the non-IID "
-            "cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode tokens/s "
-            "of the model HumanEval sampled (the global model, the messenger, or a personal model where clients "
-            "deploy their own).\n\n" + _table(header, body) + "\n" + _personal_table(rows)
+    note = (f" {', '.join(own)}: every figure is of the personal models, the models its clients deploy (its server "
+            "model lacks the part each client keeps)." if own else "")
+    personal, personal_sentences = _personal_table(rows)
+    return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)}{note} Columns after the gaps are the "
+            "non-IID cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode "
+            "tokens/s of the model HumanEval sampled (the global model, the messenger, or a personal model where "
+            "clients deploy their own; on a shared CPU, decode speeds of one architecture differ by noise).\n\n"
+            + _table(header, body) + "\n" + personal
             + "\n![algorithms](plots/algorithms.png)\n\nPer partition, the held-out loss (left) and the worst 10% "
             "of clients' loss (right) at each evaluation round, one colour per algorithm: the global model solid, "
-            "the personal models on their own clients' held-out splits dashed (seed means).\n\n")
+            "the personal models on their own clients' held-out splits dashed (seed means).\n\n",
+            sentences + personal_sentences)
 
 
-def _personal_table(rows: list[dict]) -> str:
+def _personal_table(rows: list[dict]) -> tuple[str, list[str]]:
     """Per personalised (algorithm, partition), seed means: the global (evaluated) model's held-out loss beside
     the personal models' on their own clients' held-out splits, their fairness, NLL, rounds and decode speed."""
     groups = defaultdict(list)
@@ -301,7 +313,7 @@ def _personal_table(rows: list[dict]) -> str:
         if r.get("personal_eval_loss") not in ("", None):
             groups[(r["algorithm"], r["partition"])].append(r)
     if not groups:
-        return ""
+        return "", []
     body = []
     for (alg, part), cells in groups.items():
         own = any(r["evaluated_model"] != "global" for r in cells)
@@ -322,7 +334,7 @@ def _personal_table(rows: list[dict]) -> str:
             "blank where the server's model is not deployable (FedRep). The personal HumanEval NLL is the mean over "
             "four clients; personal decode tok/s is measured only where the personal model is built differently "
             "from the evaluated one (the messengers' private models), elsewhere it is the table above's.\n\n"
-            + _table(header, body) + "\n")
+            + _table(header, body) + "\n", sentences)
 
 
 def _tuning_section(chosen: dict, plots: Path) -> str:
@@ -428,26 +440,32 @@ def write_report(sweep_dir) -> dict:
     varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
     resamples = sweep["spec"]["report"]["bootstrap"]
     groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
-    answer = " ".join(filter(None, [*sentences(groups, scale_axis(sweep)["label"]), gap_sentence(rows, scale_axis(sweep)["label"]),
-                                    before_sentence(before_results(root), resamples)]))
-    write_atomic(root / "results.csv", _csv(rows))
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
+    partitions = {r["partition"] for r in rows}
+    gaps = "iid" in partitions and len(partitions) > 1
+    algorithms, algorithm_sentences = _algorithms_section(done, plots) if "algorithm" in varying and gaps else ("", [])
+    label = scale_axis(sweep)["label"]
+    if len({c["axes"]["scale"] for c in sweep["cells"]}) > 1:
+        found = sentences(groups, label)
+    else:  # the grid has one scale: the answer is the comparison of the other axes
+        found = [f"Every cell trains at one {label}, so no {label} is ranked.", *algorithm_sentences]
+    answer = " ".join(filter(None, [*found, gap_sentence(rows, label), before_sentence(before_results(root), resamples)]))
+    write_atomic(root / "results.csv", _csv(rows))
     fits_plot, fits_table = _fits_section(done, varying, plots)
     table = _table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
     md = [_header(sweep, answer, len(done)), _data_section(rows), "## Results\n\n", table,
           "\nAll columns are in results.csv.\n\n## Plots\n\n", _pass_section(done, varying, plots), fits_plot,
           _curves_section(done, varying, plots)]
     produced = {"pass_at_k.png", "loss_fits.png", "curves.png"}
-    partitions = {r["partition"] for r in rows}
-    if "iid" in partitions and len(partitions) > 1:
+    if gaps:
         md.append(_gap_section(rows, varying, plots))
         produced.add("noniid_gap.png")
     else:
         md.append("No non-IID gap plot: the finished cells do not include both an iid and a non-iid partition.\n\n")
     md.append(fits_table)
-    if "algorithm" in varying and "noniid_gap.png" in produced:
-        md.append(_algorithms_section(done, plots))
+    if algorithms:
+        md.append(algorithms)
         produced.add("algorithms.png")
     if "clients" in varying:
         md.append(_clients_section(rows, varying, plots))

@@ -258,9 +258,9 @@ class CellOutcome:
 
 
 def extends(saved: dict, spec: dict) -> bool:
-    """Whether ``spec`` is ``saved`` with more grid values (another seed, say): the same settings, and a grid whose
-    cells include every saved cell, so each finished cell stays valid."""
-    rest = lambda s: {k: v for k, v in s.items() if k != "grid"}  # noqa: E731
+    """Whether ``spec`` keeps every finished cell of ``saved`` valid: the same settings but for the report's and
+    more grid values (another seed, say), so that its cells include every saved cell."""
+    rest = lambda s: {k: v for k, v in s.items() if k not in ("grid", "report")}  # noqa: E731
     new = {c["id"]: c["axes"] for c in cells(spec)}
     return rest(saved) == rest(spec) and all(new.get(c["id"]) == c["axes"] for c in cells(saved))
 
@@ -273,7 +273,7 @@ def _open_sweep_dir(out: Path, spec: dict, force: bool) -> None:
             return
         if not force and not extends(saved, spec):
             raise UserError(f"{out} holds a sweep with another spec; pass --force to overwrite it, choose "
-                            "another --out, or only add grid values (a seed, a scale) to extend it")
+                            "another --out, or change only grid values (adding a seed, a scale) or report settings")
         if force:
             shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()) and not force:
