@@ -194,7 +194,7 @@ def _sweep(args) -> None:
         raise UserError("sweep needs --out (the sweep directory), unless it is a --dry-run")
     began = time.perf_counter()
     outcomes = run_sweep(spec, args.out, force=args.force, retry_failed=args.retry_failed, progress=not args.quiet,
-                         log=lambda line: print(line, file=sys.stderr))
+                         log=lambda line: print(line, file=sys.stderr), only=args.only)
     failed = [o for o in outcomes if o.status.startswith("failed")]
     print(f"sweep {spec['name']}: {len(outcomes) - len(failed)} of {len(outcomes)} cells finished, "
           f"{len(failed)} failed, {time.perf_counter() - began:.0f} s", file=sys.stderr)
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "FLOPs, from the spec alone (no data, weights or network), and stop")
     p.add_argument("--force", action="store_true", help="delete what --out holds and start over")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again")
+    p.add_argument("--only", metavar="GLOB", help="run only the cells whose id matches, e.g. '*_seed1' or "
+                   "'dirichlet*' (the report still covers every finished cell)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override spec values, e.g. grid.scale=[0.5,1] eval.n=4 base.federated.local_steps=2")

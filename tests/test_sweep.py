@@ -152,15 +152,20 @@ def test_a_sweep_extends_with_another_seed(tiny_sweep, tiny_sweep_spec, tmp_path
     assert sweep.extends(saved, spec) and not sweep.extends(spec, saved)
     assert not sweep.extends(saved, sweep.load_spec(str(tiny_sweep_spec), ["grid.seed=[1]"]))  # drops seed 0
     assert sweep.extends(saved, sweep.load_spec(str(tiny_sweep_spec), ["report.target_loss=6.5"]))  # report only
-    outcomes = sweep.run_sweep(spec, out, progress=False, log=lambda line: None)
-    assert sorted(o.status for o in outcomes) == ["done"] * 4 + ["skipped"] * 4
+    with pytest.raises(UserError, match="matches no cell"):
+        sweep.run_sweep(spec, out, progress=False, only="*_seed7")
+    outcomes = sweep.run_sweep(spec, out, progress=False, log=lambda line: None, only="iid_*x1_seed*")
+    assert sorted(o.status for o in outcomes) == ["done", "skipped"]  # --only: one new cell, the rest left
     listed = json.loads((out / "sweep.json").read_text())["cells"]
     assert [c["axes"]["seed"] for c in listed] == [0, 1] * 4 and [c["axes"]["scale"] for c in listed[:2]] == [1.0] * 2
-    for cell in listed:  # seed 0's cells are the fixture's, untouched
+    for cell in listed:  # seed 0's cells are the fixture's, untouched; of seed 1's only the chosen one ran
         run = out / "cells" / cell["id"] / "run"
         if cell["axes"]["seed"] == 0:
             assert (run / "metrics.jsonl").read_text() == (tiny_sweep / "cells" / cell["id"] / "run" /
                                                            "metrics.jsonl").read_text()
+        elif cell["id"] != "iid_p0.5_fedavg_k8_x1_seed1":
+            assert not run.exists()
+            continue
         assert json.loads((run / "summary.json").read_text())["config"]["seed"] == cell["axes"]["seed"]
 
 

@@ -18,6 +18,7 @@ A rerun skips finished cells, resumes interrupted ones from their checkpoints an
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 import json
 import re
@@ -342,11 +343,14 @@ def _record_failure(cell: dict, cell_dir: Path, err: Exception) -> str:
 
 
 def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = False, progress: bool = True,
-              log=print) -> list[CellOutcome]:
-    """Run every cell of ``spec`` into ``out``; returns each cell's outcome (done, skipped, failed)."""
+              log=print, only: str | None = None) -> list[CellOutcome]:
+    """Run every cell of ``spec`` into ``out``, or only those whose id matches the glob ``only`` (a share of the
+    grid: a seed, a partition, one machine's part); returns each run cell's outcome (done, skipped, failed)."""
     out = Path(out)
     _open_sweep_dir(out, spec, force)
-    grid = cells(spec)
+    grid = [c for c in cells(spec) if only is None or fnmatch.fnmatchcase(c["id"], only)]
+    if not grid:
+        raise UserError(f"--only {only!r} matches no cell of the sweep (see --dry-run for the cell ids)")
     sources = pretrained_sources(spec)
     if sources:  # each cell tokenises its data with its model's tokenizer (when it trains)
         vocab_size = None
