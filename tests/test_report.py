@@ -260,7 +260,7 @@ def test_full_grid_plots_gap_and_algorithms(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert out["answer"] in md and "![pass@10](plots/pass_at_k.png)" in md and "## Power-law fits" in md
     assert ("On dirichlet-0.5 data, fedprox closes the non-IID gap most (held-out loss +0.1 nats against iid, 0.2 "
-            "nats less than fedavg's; the gap's seed spread 0.01)") in md
+            "nats less than fedavg's; the gap's seed spread 0.01); the lowest non-IID loss is fedprox's") in md
     assert "| iid, 25%, fedavg | final_eval_loss | 1.505 | 300 | 0.4 |" in md  # seed mean: 1.5 + 0.005
     assert "With 25% participation of 16 clients (FedAvg), the scaling factor that maximises HumanEval pass@10 is 4 on iid" \
            in out["answer"]
@@ -279,7 +279,7 @@ def test_algorithms_table_reports_personal_models_fairness_rounds_and_cost(tmp_p
     write_report(make_sweep(tmp_path, cells, target=3.5))
     md = (tmp_path / "report.md").read_text()
     assert ("On dirichlet-0.1 data, ditto closes the non-IID gap most (held-out loss +0.3 nats against iid, 0.1 "
-            "nats less than fedavg's; one seed, so the seed spread is unknown)") in md
+            "nats less than fedavg's; one seed, so the seed spread is unknown); the lowest non-IID loss is ditto's (3.3)") in md
     answer = _answer(tmp_path)["answer"]  # one scale: the answer is the algorithms' comparison
     assert answer.startswith("Every cell trains at one scaling factor, so no scaling factor is ranked. On "
                              "dirichlet-0.1 data, ditto closes the non-IID gap most")

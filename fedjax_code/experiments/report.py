@@ -278,8 +278,9 @@ def _gap_sentences(body: list[list]) -> list[str]:
         best, *rest = [r for r in body if r[1] == part]
         margin = f"{rest[0][4] - best[4]:.3g} nats less than {rest[0][0]}'s" if rest else "the only algorithm"
         spread = "one seed, so the seed spread is unknown" if np.isnan(best[5]) else f"the gap's seed spread {best[5]:.3g}"
+        lowest = min((r for r in body if r[1] == part), key=lambda r: r[3])
         out.append(f"On {part} data, {best[0]} closes the non-IID gap most (held-out loss {best[4]:+.3g} nats "
-                   f"against iid, {margin}; {spread}).")
+                   f"against iid, {margin}; {spread}); the lowest non-IID loss is {lowest[0]}'s ({lowest[3]:.4g}).")
     return out
 
 
