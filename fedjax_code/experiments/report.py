@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
@@ -232,7 +233,11 @@ def _algorithms_plot(done, plots: Path) -> None:
     model solid (left out where it is not deployable), the personal models dashed; seed means."""
     partitions = sorted({r["partition"] for r, _ in done}, key=lambda p: (p != "iid", p))
     algorithms = list(dict.fromkeys(r["algorithm"] for r, _ in done))
-    fig, axes = _subplots(2 * len(partitions))
+    colours = colormaps["tab20"].colors
+    colours = colours[::2] + colours[1::2]  # 20 distinct, the strong shades first
+    fig = Figure(figsize=(6.5 * len(partitions), 9))
+    grid = fig.subplots(2, len(partitions), squeeze=False)
+    axes = list(grid.T.flat)  # per partition: its mean panel, then its worst-10% panel
     for p, part in enumerate(partitions):
         pair = axes[2 * p: 2 * p + 2]
         for a, alg in enumerate(algorithms):
@@ -244,7 +249,7 @@ def _algorithms_plot(done, plots: Path) -> None:
                 for field, style in zip(fields, ("-", "--")):
                     x, y = _round_means([d for _, d in cells], field)
                     if x and (deployable or style == "--"):
-                        ax.plot(x, y, style, color=f"C{a % 10}", label=None if labelled else alg)
+                        ax.plot(x, y, style, color=colours[a % len(colours)], label=None if labelled else alg)
                         labelled = True
         pair[0].set(xlabel="round", ylabel="held-out loss", title=f"{part}: mean over clients")
         pair[1].set(xlabel="round", ylabel="worst-10% client loss", title=f"{part}: worst 10% of clients")
