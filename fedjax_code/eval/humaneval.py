@@ -221,7 +221,8 @@ def evaluate_run(run_dir: Path, out: Path, cfg: EvalConfig, checkpoint: Path | N
 
     The model evaluated is the global model (or messenger), unless its clients would deploy their personal
     models instead (``federated.deploys_personal``: FedRep's server never holds a trained head); then it is
-    client DEPLOYED_CLIENT's personal model, named in the record's ``personal_client``. Reads only the run directory (its config, tokenizer and checkpoint), never the data cache.
+    client DEPLOYED_CLIENT's personal model, named in the record's ``personal_client``. Reads only the run
+    directory (its config, tokenizer, checkpoint and client store), never the data cache.
     """
     trained = rundir.load_trained(run_dir, checkpoint)
     pretrained = bool(trained.config.model.pretrained)  # prompted as it trained: components.data_config

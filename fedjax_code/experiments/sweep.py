@@ -347,10 +347,10 @@ def run_sweep(spec: dict, out: Path, force: bool = False, retry_failed: bool = F
     """Run every cell of ``spec`` into ``out``, or only those whose id matches the glob ``only`` (a share of the
     grid: a seed, a partition, one machine's part); returns each run cell's outcome (done, skipped, failed)."""
     out = Path(out)
-    _open_sweep_dir(out, spec, force)
     grid = [c for c in cells(spec) if only is None or fnmatch.fnmatchcase(c["id"], only)]
     if not grid:
         raise UserError(f"--only {only!r} matches no cell of the sweep (see --dry-run for the cell ids)")
+    _open_sweep_dir(out, spec, force)
     sources = pretrained_sources(spec)
     if sources:  # each cell tokenises its data with its model's tokenizer (when it trains)
         vocab_size = None
