@@ -157,3 +157,9 @@ def before_sentence(before: dict[str, list[dict]], resamples: int) -> str:
         if shown:
             parts.append(f"{source} scores {_join(shown)}")
     return f"Before fine-tuning, {_join(parts)} on the same problems and settings." if parts else ""
+
+
+def second_metric(rows: list[dict]) -> str:
+    """The pass metric, or HumanEval NLL when pass@k is 0 everywhere."""
+    metric = pass_metric(rows)
+    return metric if any(has_value(r, metric) and float(r[metric]) > 0 for r in rows) else "humaneval_nll"

@@ -9,18 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from fedjax_code.experiments import fits
+from fedjax_code.experiments.algorithms_report import algorithms_section
 from fedjax_code.experiments.answer import (GROUP_AXES, answer_group, before_sentence, gap_sentence, has_value,
-                                           noniid_gaps, pass_metric, sentences)
+                                           noniid_gaps, pass_metric, second_metric, sentences)
+from fedjax_code.experiments.render import markdown_table, save, subplots
 from fedjax_code.experiments.results import AXES, before_results, load_sweep, round_records, scale_axis, scan
 from fedjax_code.experiments.tuning import read_chosen
 from fedjax_code.records import write_atomic
@@ -38,22 +37,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _table(header, rows) -> str:
-    def cell(v):  # a float to 4 digits, NaN (no value) as blank
-        if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.4g}"
-        return str(v).replace("|", "/").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]) + "\n"
-
-
-def _second_metric(rows: list[dict]) -> str:
-    """The pass metric, or HumanEval NLL when pass@k is 0 everywhere."""
-    metric = pass_metric(rows)
-    return metric if any(has_value(r, metric) and float(r[metric]) > 0 for r in rows) else "humaneval_nll"
 
 
 def _label(row: dict, varying: list[str]) -> str:
@@ -89,32 +72,16 @@ def _scale_curve(rows: list[dict], metric: str):
 
 # --- plots and extra analyses: each section draws its plot and returns its markdown ------------------------------
 
-def _subplots(ncols: int):
-    """A figure of its own (matplotlib's object API: no pyplot state, no backend switch for notebook users)."""
-    fig = Figure(figsize=(6.5 * ncols, 4.5))
-    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
-
-
-def _save(fig, axes, path: Path) -> None:
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(path, buf.getvalue())
-
-
 def _pass_section(done, varying, plots: Path) -> str:
     metric = pass_metric([r for r, _ in done])
-    fig, axes = _subplots(1)
+    fig, axes = subplots(1)
     for cells in _groups(done).values():
         x, y, e = _scale_curve([r for r, _ in cells], metric)
         several = len({r["seed"] for r, _ in cells}) > 1
         axes[0].errorbar(x, y, yerr=e if several else None, marker="o", capsize=3, label=_label(cells[0][0], varying))
     note = " (pass@10 absent: n < 10)" if metric == "pass@1" else ""
     axes[0].set(xscale="log", xlabel="parameters", ylabel=f"HumanEval {metric}", title=f"{metric} vs model size{note}")
-    _save(fig, axes, plots / "pass_at_k.png")
+    save(fig, axes, plots / "pass_at_k.png")
     return (f"![{metric}](plots/pass_at_k.png)\n\nHumanEval {metric} against parameters (log scale), one line per "
             "group: the mean over seeds, with error bars of one standard deviation when there are several seeds. "
             f"The highest point of a line is its best scale.{' pass@10 needs n >= 10 samples.' if note else ''}\n\n")
@@ -122,7 +89,7 @@ def _pass_section(done, varying, plots: Path) -> str:
 
 def _fits_section(done, varying, plots: Path) -> tuple[str, str]:
     """(plot markdown, fit table markdown) of L = E + A N^-alpha per line, for held-out loss and HumanEval NLL."""
-    fig, axes, table = *_subplots(2), []
+    fig, axes, table = *subplots(2), []
     for ax, metric in zip(axes, ("final_eval_loss", "humaneval_nll")):
         for cells in _groups(done).values():
             label = _label(cells[0][0], varying)
@@ -137,15 +104,15 @@ def _fits_section(done, varying, plots: Path) -> tuple[str, str]:
             else:
                 ax.plot(x, y, "o", label=f"{label}: {fit['note']}")
         ax.set(xscale="log", xlabel="parameters", ylabel=metric, title=f"{metric}, fit L = E + A N^-α")
-    _save(fig, axes, plots / "loss_fits.png")
+    save(fig, axes, plots / "loss_fits.png")
     text = ("![loss fits](plots/loss_fits.png)\n\nHeld-out loss (left) and HumanEval canonical-solution NLL (right) "
             "against parameters, with L = E + A N^-α fitted to each line (dashed). E is the loss an infinitely large "
             "model would reach; a larger α means size pays off faster.\n\n")
-    return text, "## Power-law fits\n\n" + _table(FIT_COLUMNS, table) + "\n"
+    return text, "## Power-law fits\n\n" + markdown_table(FIT_COLUMNS, table) + "\n"
 
 
 def _curves_section(done, varying, plots: Path) -> str:
-    fig, axes = _subplots(3)
+    fig, axes = subplots(3)
     for i, cells in enumerate(_groups(done).values()):
         for j, (row, cell_dir) in enumerate(cells):
             rounds = round_records(cell_dir)
@@ -160,7 +127,7 @@ def _curves_section(done, varying, plots: Path) -> str:
     axes[1].set(xlabel="round", ylabel="held-out eval_loss", title="loss vs round")
     axes[2].set(xscale="log", xlabel="communicated MB (up + down, cumulative)", ylabel="held-out eval_loss",
                 title="loss vs communication")
-    _save(fig, axes, plots / "curves.png")
+    save(fig, axes, plots / "curves.png")
     return ("![curves](plots/curves.png)\n\nHeld-out loss at each evaluation round of every cell (coloured by group), "
             "against training tokens (left, with the data's unigram entropy dashed: the loss of a model that learned "
             "only token frequencies, so a curve must fall well below it to have learned context), rounds (middle) "
@@ -168,10 +135,10 @@ def _curves_section(done, varying, plots: Path) -> str:
 
 
 def _gap_section(rows: list[dict], varying, plots: Path) -> str:
-    fig, axes = _subplots(3)
+    fig, axes = subplots(3)
     params = _mean_by(rows, ("scale",), "params")
     heterogeneity = _mean_by(rows, ("partition",), "heterogeneity")
-    for ax, metric in zip(axes, ("final_eval_loss", _second_metric(rows))):
+    for ax, metric in zip(axes, ("final_eval_loss", second_metric(rows))):
         lines = defaultdict(list)
         for g in noniid_gaps(rows, metric):
             lines[_label(g, varying)].append((params[(g["scale"],)], g["gap"], g["spread"]))
@@ -186,10 +153,10 @@ def _gap_section(rows: list[dict], varying, plots: Path) -> str:
         axes[2].plot([heterogeneity.get(("iid",), np.nan)] + [p[0] for p in pts], [0] + [p[1] for p in pts], "o-",
                      label=f"scale {scale:g}")
     axes[2].set(xlabel="heterogeneity (token JS distance)", ylabel="held-out loss gap", title="gap vs heterogeneity")
-    _save(fig, axes, plots / "noniid_gap.png")
+    save(fig, axes, plots / "noniid_gap.png")
     table = [[g["partition"], heterogeneity[(g["partition"],)], g["scale"], metric, g["iid"], g["noniid"], g["gap"],
               "" if g["spread"] is None else g["spread"], g["seeds"], {None: "one seed", True: "yes", False: "no"}[g["real"]]]
-             for metric in dict.fromkeys(("final_eval_loss", "humaneval_nll", _second_metric(rows)))
+             for metric in dict.fromkeys(("final_eval_loss", "humaneval_nll", second_metric(rows)))
              for g in noniid_gaps(rows, metric)]
     header = ["non-IID", "heterogeneity", "scale", "metric", "iid", "non-IID value", "gap", "seed spread", "seeds",
               "gap beyond spread"]
@@ -201,151 +168,12 @@ def _gap_section(rows: list[dict], varying, plots: Path) -> str:
             "Held-out loss is measured on each partition's own held-out files (its clients' held-out tails), so its "
             "gap mixes the model with the evaluation set; HumanEval NLL is the same 164 problems for every "
             "partition, the cleaner comparison. The seed spread is sqrt(var_iid + var_non-IID) over seeds (ddof 1).\n\n"
-            + _table(header, table) + "\n")
-
-
-GAP_COLUMNS = {  # results.csv column -> its header in the algorithms table (non-IID cells, seed means)
-    "client_eval_loss_worst10": "worst-10% loss", "rounds_to_target": "rounds to target", "comm_mb": "MB sent",
-    "decode_tokens_per_s": "decode tok/s"}
-PERSONAL_COLUMNS = {  # results.csv column -> its header in the personal-models table
-    "personal_eval_loss": "personal loss", "personal_eval_loss_worst10": "personal worst-10%",
-    "personal_humaneval_nll": "personal HumanEval NLL", "personal_rounds_to_target": "personal rounds to target",
-    "personal_decode_tokens_per_s": "personal decode tok/s"}
-
-
-def _mean_of(rows: list[dict], column: str) -> float:
-    values = [float(r[column]) for r in rows if r.get(column) not in ("", None)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _round_means(cell_dirs, field: str) -> tuple[list, list]:
-    """(rounds, mean over the cells) of a RoundRecord field at the rounds that have it."""
-    acc = defaultdict(list)
-    for cell_dir in cell_dirs:
-        for rec in round_records(cell_dir):
-            if getattr(rec, field) is not None:
-                acc[rec.round].append(getattr(rec, field))
-    return sorted(acc), [float(np.mean(acc[k])) for k in sorted(acc)]
-
-
-def _algorithms_plot(done, plots: Path) -> None:
-    """Per partition, held-out loss and worst-10% client loss against round, one colour per algorithm: the global
-    model solid (left out where it is not deployable), the personal models dashed; seed means."""
-    partitions = sorted({r["partition"] for r, _ in done}, key=lambda p: (p != "iid", p))
-    algorithms = list(dict.fromkeys(r["algorithm"] for r, _ in done))
-    colours = colormaps["tab20"].colors
-    colours = colours[::2] + colours[1::2]  # 20 distinct, the strong shades first
-    fig = Figure(figsize=(6.5 * len(partitions), 9))
-    grid = fig.subplots(2, len(partitions), squeeze=False)
-    axes = list(grid.T.flat)  # per partition: its mean panel, then its worst-10% panel
-    for p, part in enumerate(partitions):
-        pair = axes[2 * p: 2 * p + 2]
-        for a, alg in enumerate(algorithms):
-            cells = [(r, d) for r, d in done if (r["partition"], r["algorithm"]) == (part, alg)]
-            deployable = all(r["evaluated_model"] == "global" for r, _ in cells)
-            labelled = p > 0
-            for ax, fields in zip(pair, (("eval_loss", "personal_eval_loss"),
-                                         ("client_eval_loss_worst10", "personal_client_eval_loss_worst10"))):
-                for field, style in zip(fields, ("-", "--")):
-                    x, y = _round_means([d for _, d in cells], field)
-                    if x and (deployable or style == "--"):
-                        ax.plot(x, y, style, color=colours[a % len(colours)], label=None if labelled else alg)
-                        labelled = True
-        pair[0].set(xlabel="round", ylabel="held-out loss", title=f"{part}: mean over clients")
-        pair[1].set(xlabel="round", ylabel="worst-10% client loss", title=f"{part}: worst 10% of clients")
-    _save(fig, axes, plots / "algorithms.png")
-
-
-def _algorithm_gaps(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """(header, rows) per (algorithm, non-IID partition), sorted by loss gap: loss and the second metric iid vs
-    non-IID averaged over matched cells, the loss gap's seed spread, and the non-IID cells' GAP_COLUMNS."""
-    second, means = _second_metric(rows), []
-    for metric in ("final_eval_loss", second):
-        acc = defaultdict(list)
-        for g in noniid_gaps(rows, metric):
-            spread = np.nan if g["spread"] is None else g["spread"]
-            acc[(g["algorithm"], g["partition"])].append((g["iid"], g["noniid"], g["gap"], spread))
-        means.append({k: list(np.mean(v, axis=0)) for k, v in acc.items()})
-    body = []
-    for (alg, part), loss in means[0].items():
-        cells = [r for r in rows if (r["algorithm"], r["partition"]) == (alg, part)]
-        body.append([alg, part, *loss, *means[1].get((alg, part), [np.nan] * 4)[:3],
-                     *(_mean_of(cells, c) for c in GAP_COLUMNS)])
-    header = ["algorithm", "non-IID", "loss iid", "loss non-IID", "loss gap", "gap seed spread",
-              *(f"{second} {s}" for s in ("iid", "non-IID", "gap")), *GAP_COLUMNS.values()]
-    return header, sorted(body, key=lambda r: (r[1], r[4]))
-
-
-def _gap_sentences(body: list[list]) -> list[str]:
-    """Per non-IID partition: the algorithm with the smallest loss gap, its margin over the next and its spread."""
-    out = []
-    for part in dict.fromkeys(r[1] for r in body):
-        best, *rest = [r for r in body if r[1] == part]
-        margin = f"{rest[0][4] - best[4]:.3g} nats less than {rest[0][0]}'s" if rest else "the only algorithm"
-        spread = "one seed, so the seed spread is unknown" if np.isnan(best[5]) else f"the gap's seed spread {best[5]:.3g}"
-        lowest = min((r for r in body if r[1] == part), key=lambda r: r[3])
-        out.append(f"On {part} data, {best[0]} closes the non-IID gap most (held-out loss {best[4]:+.3g} nats "
-                   f"against iid, {margin}; {spread}); the lowest non-IID loss is {lowest[0]}'s ({lowest[3]:.4g}).")
-    return out
-
-
-def _algorithms_section(done, plots: Path) -> tuple[str, list[str]]:
-    """The non-IID gap per algorithm (``_algorithm_gaps``), the personalised algorithms' personal models
-    (``_personal_table``) and ``_algorithms_plot``: the markdown and its summary sentences."""
-    rows = [r for r, _ in done]
-    _algorithms_plot(done, plots)
-    header, body = _algorithm_gaps(rows)
-    sentences = _gap_sentences(body)
-    own = sorted({r["algorithm"] for r in rows if r["evaluated_model"] != "global"})
-    note = (f" {', '.join(own)}: every figure is of the personal models, the models its clients deploy (its server "
-            "model lacks the part each client keeps)." if own else "")
-    personal, personal_sentences = _personal_table(rows)
-    return (f"## Algorithms and the non-IID gap\n\n{' '.join(sentences)}{note} Columns after the gaps are the "
-            "non-IID cells': the worst-10% client loss, rounds to the target loss, MB sent in all, and the decode "
-            "tokens/s of the model HumanEval sampled (the global model, the messenger, or a personal model where "
-            "clients deploy their own; on a shared CPU, decode speeds of one architecture differ by noise).\n\n"
-            + _table(header, body) + "\n" + personal
-            + "\n![algorithms](plots/algorithms.png)\n\nPer partition, the held-out loss (left) and the worst 10% "
-            "of clients' loss (right) at each evaluation round, one colour per algorithm: the global model solid, "
-            "the personal models on their own clients' held-out splits dashed (seed means).\n\n",
-            sentences + personal_sentences)
-
-
-def _personal_table(rows: list[dict]) -> tuple[str, list[str]]:
-    """Per personalised (algorithm, partition), seed means: the global (evaluated) model's held-out loss beside
-    the personal models' on their own clients' held-out splits, their fairness, NLL, rounds and decode speed."""
-    groups = defaultdict(list)
-    for r in rows:
-        if r.get("personal_eval_loss") not in ("", None):
-            groups[(r["algorithm"], r["partition"])].append(r)
-    if not groups:
-        return "", []
-    body = []
-    for (alg, part), cells in groups.items():
-        own = any(r["evaluated_model"] != "global" for r in cells)
-        loss, personal = _mean_of(cells, "final_eval_loss"), _mean_of(cells, "personal_eval_loss")
-        body.append([alg, part, np.nan if own else loss, np.nan if own else personal - loss,
-                     *(_mean_of(cells, c) for c in PERSONAL_COLUMNS)])
-    body.sort(key=lambda r: (r[1], r[4]))
-    sentences = []
-    for part in dict.fromkeys(r[1] for r in body):
-        best = min((r for r in body if r[1] == part and np.isfinite(r[3])), key=lambda r: r[3], default=None)
-        if best is not None:
-            sentences.append(f"On {part} data, {best[0]}'s personal models are {abs(best[3]):.3g} nats "
-                             f"{'below' if best[3] < 0 else 'above'} its global model on their own clients' "
-                             "held-out splits.")
-    header = ["algorithm", "partition", "global loss", "personal - global", *PERSONAL_COLUMNS.values()]
-    return ("\n### Personal models\n\n" + " ".join(sentences) + " Each client's personal model is scored on its "
-            "own held-out split (a client that never trained: the model it would start from). The global loss is "
-            "blank where the server's model is not deployable (FedRep). The personal HumanEval NLL is the mean over "
-            "four clients; personal decode tok/s is measured only where the personal model is built differently "
-            "from the evaluated one (the messengers' private models), elsewhere it is the table above's.\n\n"
-            + _table(header, body) + "\n", sentences)
+            + markdown_table(header, table) + "\n")
 
 
 def _tuning_section(chosen: dict, plots: Path) -> str:
     """Held-out loss of every tuning trial against its client learning rate, one line per tuning group."""
-    fig, axes = _subplots(1)
+    fig, axes = subplots(1)
     rows = []
     for group, c in chosen.items():
         pts = sorted((float(lr), loss) for lr, loss in c["trials"].items() if loss is not None)
@@ -355,11 +183,11 @@ def _tuning_section(chosen: dict, plots: Path) -> str:
         rows.append([group, c["client_lr"], *(c["trials"].get(f"{lr:g}") for lr in sorted(map(float, c["trials"])))])
     axes[0].set(xscale="log", xlabel="client learning rate", ylabel="held-out loss after the trial",
                 title="per-scale learning-rate tuning (star: chosen)")
-    _save(fig, axes, plots / "lr_tuning.png")
+    save(fig, axes, plots / "lr_tuning.png")
     return ("## Learning-rate tuning\n\nEach scale's cells trained at the client learning rate whose short trial "
             "(on the tuning partition) reached the lowest held-out loss (experiments/tuning.py). A chosen rate at "
             "the edge of the candidates means the grid should widen.\n\n![lr tuning](plots/lr_tuning.png)\n\n"
-            + _table(["group", "chosen client_lr", *(f"loss @ {lr}" for lr in sorted(
+            + markdown_table(["group", "chosen client_lr", *(f"loss @ {lr}" for lr in sorted(
                 {float(lr) for c in chosen.values() for lr in c["trials"]}))], rows) + "\n")
 
 
@@ -371,7 +199,7 @@ def _clients_section(rows: list[dict], varying, plots: Path) -> str:
         if len(x):
             label = _label({"partition": part, "participation": pp, "algorithm": alg}, shown)
             lines[label][k] = fits.optimal_size(x, y)
-    fig, axes = _subplots(1)
+    fig, axes = subplots(1)
     sentences = []
     for label, by_k in lines.items():
         ks = sorted(by_k)
@@ -392,7 +220,7 @@ def _clients_section(rows: list[dict], varying, plots: Path) -> str:
     all_k = sorted({k for by_k in lines.values() for k in by_k})
     axes[0].set_xticks(all_k, [str(k) for k in all_k], minor=False)
     axes[0].xaxis.set_minor_locator(NullLocator())
-    _save(fig, axes, plots / "clients_vs_size.png")
+    save(fig, axes, plots / "clients_vs_size.png")
     return ("## Clients vs model size\n\n" + " ".join(sentences) + "\n\n![N_opt vs K](plots/clients_vs_size.png)\n\n"
             "N_opt(K) minimises held-out loss across scales (a parabola in log N through the minimum and its two "
             "neighbours); the dashed line is the least-squares fit log N_opt = c - β log K.\n\n")
@@ -424,7 +252,7 @@ def _data_section(rows: list[dict]) -> str:
 def _missing_section(missing: list[dict]) -> str:
     if not missing:
         return "## Missing and failed cells\n\nNone: every cell has finished.\n"
-    return "## Missing and failed cells\n\n" + _table(["cell", "status", "error"],
+    return "## Missing and failed cells\n\n" + markdown_table(["cell", "status", "error"],
                                                       [[m["id"], m["status"], m["error"] or ""] for m in missing])
 
 
@@ -450,7 +278,7 @@ def write_report(sweep_dir) -> dict:
     plots.mkdir(exist_ok=True)
     partitions = {r["partition"] for r in rows}
     gaps = "iid" in partitions and len(partitions) > 1
-    algorithms, algorithm_sentences = _algorithms_section(done, plots) if "algorithm" in varying and gaps else ("", [])
+    algorithms, algorithm_sentences = algorithms_section(done, plots) if "algorithm" in varying and gaps else ("", [])
     label = scale_axis(sweep)["label"]
     if len({c["axes"]["scale"] for c in sweep["cells"]}) > 1:
         found = sentences(groups, label)
@@ -459,8 +287,8 @@ def write_report(sweep_dir) -> dict:
     answer = " ".join(filter(None, [*found, gap_sentence(rows, label), before_sentence(before_results(root), resamples)]))
     write_atomic(root / "results.csv", _csv(rows))
     fits_plot, fits_table = _fits_section(done, varying, plots)
-    table = _table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
-    md = [_header(sweep, answer, len(done)), _data_section(rows), "## Results\n\n", table,
+    results = markdown_table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
+    md = [_header(sweep, answer, len(done)), _data_section(rows), "## Results\n\n", results,
           "\nAll columns are in results.csv.\n\n## Plots\n\n", _pass_section(done, varying, plots), fits_plot,
           _curves_section(done, varying, plots)]
     produced = {"pass_at_k.png", "loss_fits.png", "curves.png"}
