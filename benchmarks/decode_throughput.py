@@ -6,8 +6,8 @@ random-token prompts of 60-150 tokens (fixed seed), then calls ``generate_with_s
 top_p 0.95, no EOS, so every row decodes all ``--max-new-tokens``) once to compile and ``--repeats`` times
 timed, and reports the medians of its own stats:
 
-  decode_tokens_per_s  generated tokens / seconds in the jitted sampling loop (prefill excluded)
-  prefill_ms           seconds of the jitted prefill of the left-padded prompts, in ms
+  decode_tokens_per_s  generated tokens / seconds of the sampler's decode segments (prefill excluded)
+  prefill_ms           seconds of the prompts' prefills (one per prompt), in ms
   bg_cores             CPU cores used by other processes while timing (from /proc/stat); > ~0.2 means the
                        numbers of that row are depressed by background load
 
@@ -22,7 +22,7 @@ greedy decoding of the same model by our jitted KV-cache sampler and by transfor
 from the GGUF file through ``gguf_file=`` or from the HF directory), on the same token ids: the first b HumanEval
 prompts, each ``tokenizer.encode("")`` + the stripped prompt's ids, for each b in ``--batches``. Every row
 generates exactly ``--max-new-tokens`` tokens (ours: no EOS; transformers: ``min_new_tokens``). Ours runs with
-the KV cache as long as the bucketed longest prompt plus the new tokens, one call to compile, then ``--repeats``
+b decode slots (``models.decode``), one call to compile, then ``--repeats``
 timed; transformers one warm-up call, then ``--repeats`` timed. Per batch size (medians):
 
   ours_tokens_per_s         b * max_new_tokens / wall seconds of the whole call (prefill + decode)
@@ -80,8 +80,7 @@ def bench(factor: float, args) -> dict:
 
     def call(i):
         return generate_with_stats(params, cfg, batch, max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE,
-                                   top_p=TOP_P, key=jax.random.PRNGKey(i), eos_id=None, pad_id=0,
-                                   stop_token_seqs=(), bucket=32)[1]
+                                   top_p=TOP_P, seed=i, eos_id=None, pad_id=0, stop_token_seqs=())[1]
 
     call(0)  # compile
     (busy0, own0), t0 = cpu_seconds(), time.perf_counter()
@@ -139,7 +138,7 @@ def bench_ours(m, ids, n_new: int, pad_id: int, repeats: int):
     def call():
         t0 = time.perf_counter()
         rows, stats = generate_with_stats(m.params, cfg, ids, max_new_tokens=n_new, temperature=0.0, eos_id=None,
-                                          pad_id=pad_id, stop_token_seqs=(), bucket=32)
+                                          pad_id=pad_id, stop_token_seqs=())
         wall = time.perf_counter() - t0
         assert stats["num_generated"] == len(ids) * n_new, stats
         return rows, wall, stats["decode_tokens_per_s"]

@@ -15,6 +15,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDJAX_CODE_CACHE", Path.home() / ".cache" / "fedjax-code"))
 
 
+def use_compilation_cache() -> None:
+    """Keep JAX's compiled programs under the cache (``jax/``) unless $JAX_COMPILATION_CACHE_DIR says where:
+    a second run of the same shapes (a resumed sweep, another evaluation of the same model) skips compiling."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+
+
 @contextlib.contextmanager
 def building(target: Path):
     """Yield a fresh path beside ``target`` to build a file or directory in; on success it replaces ``target``

@@ -157,7 +157,7 @@ def _eval_humaneval(args) -> None:
     he.check_out_dir(args.out, args.force)
     cfg = EvalConfig(n=args.n, k=tuple(_ks(args.k)), problems=args.problems, nll_problems=args.nll_problems,
                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                     seed=args.seed, timeout=args.timeout, workers=args.workers)
+                     seed=args.seed, timeout=args.timeout, workers=args.workers, slots=args.slots)
     if args.model is not None:
         if args.checkpoint is not None:
             raise UserError("--checkpoint belongs to --run; a --model is evaluated as it is")
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=eval_defaults["top_p"])
     p.add_argument("--max-new-tokens", type=int, default=eval_defaults["max_new_tokens"])
     p.add_argument("--seed", type=int, default=eval_defaults["seed"])
+    p.add_argument("--slots", type=int, default=eval_defaults["slots"],
+                   help="decode slots sampled together (more: faster until the CPU is compute-bound)")
     p.add_argument("--nll-problems", default=eval_defaults["nll_problems"],
                    help="a slice START:END of the problems whose canonical-solution NLL is computed")
     _score_args(p, eval_defaults)
@@ -377,9 +379,11 @@ def _score_args(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedjax_code.cache import use_compilation_cache
     from fedjax_code.malloc import tune_malloc
 
     tune_malloc()  # before JAX's thread pool starts
+    use_compilation_cache()
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

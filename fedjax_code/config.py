@@ -230,9 +230,11 @@ class EvalConfig:
     seed: int = 0
     timeout: float = 3.0           # seconds per completion in the sandbox
     workers: int = 0               # sandbox worker processes; 0: one per core
+    slots: int = 64                # decode slots sampled together (continuous batching: models.decode)
 
     def __post_init__(self):
-        _require(self.n >= 1 and self.max_new_tokens >= 1, "eval.n and eval.max_new_tokens must be at least 1")
+        _require(self.n >= 1 and self.max_new_tokens >= 1 and self.slots >= 1,
+                 "eval.n, eval.max_new_tokens and eval.slots must be at least 1")
         _require(len(self.k) > 0 and all(isinstance(k, int) and k >= 1 for k in self.k),
                  f"every k of pass@k must be a positive integer, not {self.k}")
         _require(0 < self.top_p <= 1 and self.temperature >= 0, "eval.top_p must be in (0, 1] and temperature >= 0")

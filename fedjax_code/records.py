@@ -131,7 +131,10 @@ class HumanEvalRecord:
     problems: int | None = None
     generated_tokens: int | None = None
     decode_s: float | None = None
-    decode_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None  # generated tokens / seconds of the decode steps that compiled nothing
+    prefill_s: float | None = None       # prompts prefilled (once each)
+    slots: int | None = None             # decode slots (models.decode)
+    slot_use: float | None = None        # the share of slot-steps that generated a token
     nll: float | None = None             # mean canonical-solution NLL (nats per token)
     nll_problems: int | None = None
     nll_per_task: dict | None = None

@@ -1,4 +1,5 @@
-"""KV-cache decoding: Decoder with a cache vs without, left padding, sampling, early exit, stop sequences."""
+"""KV-cache decoding: Decoder with a cache vs without, left padding, the continuous-batching sampler (slots,
+windows, reproducible keys, resumption), nucleus sampling's distribution, early exit, stop sequences."""
 
 import dataclasses
 
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from fedjax_code.models import Decoder, get_preset, init_cache, init_params
 from fedjax_code.models import decode as D
@@ -62,8 +64,10 @@ def test_cached_decoder_matches_decoder(model):
     assert out.dtype == jnp.float32 and out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert len(cache) == cfg.n_layers
-    assert cache[0]["k"].shape == (2, cfg.max_len, cfg.n_kv_heads, cfg.head_dim)
-    assert not np.any(np.asarray(cache[0]["k"][:, 20:]))  # only slots [0, 20) written
+    assert cache[0]["k"].shape == (2, cfg.n_kv_heads, cfg.head_dim, cfg.max_len)
+    assert cache[0]["v"].shape == (2, cfg.n_kv_heads, cfg.max_len, cfg.head_dim)
+    assert not np.any(np.asarray(cache[0]["k"][..., 20:]))  # only positions [0, 20) written
+    assert not np.any(np.asarray(cache[0]["v"][:, :, 20:]))
 
 
 def test_decoder_with_cache_defaults_equal_decoder_without(model):
@@ -118,6 +122,7 @@ def test_prefill_then_cached_steps_match_full_recomputation(model):
     tokens, lens = D.pad_prompts([list(s[:n]) for s, n in zip(seqs, lengths)], 0, bucket=16)
     assert tokens.shape == (3, 16) and list(np.asarray(lens)) == lengths
     logits, cache = D.prefill(params, cfg, tokens, lens)
+    cache = D.resize(D.Slots(cache, *([None] * 7)), cfg.max_len).cache  # room for the steps after the prompt
     refs = [np.asarray(full_logits(cfg)(params, jnp.asarray(s[None]))[0]) for s in seqs]
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(logits[b], refs[b][n - 1], rtol=1e-4, atol=1e-4)
@@ -133,8 +138,7 @@ def test_prefill_then_cached_steps_match_full_recomputation(model):
 
 def test_greedy_matches_recomputation_and_left_padding_is_inert(model):
     cfg, params = model
-    rows, stats = D.generate_with_stats(params, cfg, PROMPTS, max_new_tokens=N_NEW, temperature=0.0, key=None,
-                                        eos_id=None)
+    rows, stats = D.generate_with_stats(params, cfg, PROMPTS, max_new_tokens=N_NEW, temperature=0.0, eos_id=None)
     assert stats["num_generated"] == N_NEW * len(PROMPTS) and stats["steps"] == N_NEW
     for prompt, row in zip(PROMPTS, rows):
         assert row == greedy_reference(params, cfg, prompt, N_NEW)
@@ -145,9 +149,9 @@ def test_greedy_matches_recomputation_and_left_padding_is_inert(model):
 def test_temperature_sampling_is_keyed():
     cfg, params = BASE, params_of(BASE, scale=1.0)  # near-uniform logits: samples vary a lot
     kw = dict(max_new_tokens=N_NEW, temperature=1.0, top_p=1.0, eos_id=None)
-    a = D.generate(params, cfg, PROMPTS, key=jax.random.PRNGKey(1), **kw)
-    assert a == D.generate(params, cfg, PROMPTS, key=jax.random.PRNGKey(1), **kw)
-    assert a != D.generate(params, cfg, PROMPTS, key=jax.random.PRNGKey(2), **kw)
+    a = D.generate(params, cfg, PROMPTS, seed=1, **kw)
+    assert a == D.generate(params, cfg, PROMPTS, seed=1, **kw)
+    assert a != D.generate(params, cfg, PROMPTS, seed=2, **kw)
     assert all(len(r) == N_NEW for r in a)
 
 
@@ -155,7 +159,7 @@ def test_tiny_top_p_equals_greedy():
     cfg, params = BASE, params_of(BASE)
     greedy = D.generate(params, cfg, PROMPTS, max_new_tokens=N_NEW, temperature=0.0, eos_id=None)
     nucleus = D.generate(params, cfg, PROMPTS, max_new_tokens=N_NEW, temperature=1.0, top_p=1e-6,
-                         key=jax.random.PRNGKey(3), eos_id=None)
+                         seed=3, eos_id=None)
     assert nucleus == greedy
 
 
@@ -194,11 +198,8 @@ def test_eos_stops_loop_after_one_step(tied):
     rows, stats = D.generate_with_stats(params, cfg, PROMPTS[:2], max_new_tokens=N_NEW, eos_id=eos, pad_id=0)
     assert stats["steps"] == 1 and stats["num_generated_per_row"] == [1, 1]
     assert rows == [[], []]  # the final EOS is dropped
-    logits, cache = D.prefill(params, cfg, *D.pad_prompts(PROMPTS[:2], 0, 16))
-    ids, num, steps = D.sample_loop(params, cfg, cache, logits, jnp.array([3, 9]), jnp.int32(16),
-                                    jax.random.PRNGKey(0), jnp.float32(0), jnp.float32(1), jnp.int32(eos),
-                                    jnp.int32(0), *D.stop_arrays(()), max_new_tokens=N_NEW)
-    assert int(steps) == 1 and np.asarray(ids).tolist() == [[eos] + [0] * (N_NEW - 1)] * 2
+    streamed = D.sample_stream(params, cfg, PROMPTS[:2], 2, max_new_tokens=N_NEW, eos_id=eos)
+    assert sorted(streamed) == [(i, j, [eos]) for i in range(2) for j in range(2)]  # the stream keeps it
 
 
 def _cut_at_stop(generated, stops):
@@ -222,19 +223,89 @@ def test_stop_sequences_end_rows():
     assert stats["steps"] == max(len(r) for r in expected)
 
 
-def test_bucketing_shares_compiled_shapes():
-    cfg = dataclasses.replace(BASE, max_len=48)  # a config no other test compiled
+def test_one_compile_per_window_not_per_prompt_width():
+    cfg = dataclasses.replace(BASE, max_len=160)  # a config no other test compiled
     params = params_of(cfg)
-    a, _ = D.pad_prompts([list(range(1, 6))], 0, bucket=32)
-    b, _ = D.pad_prompts([list(range(1, 10))], 0, bucket=32)
-    assert a.shape == b.shape == (1, 32)
-    D.generate(params, cfg, [list(range(1, 6))], max_new_tokens=8, eos_id=None, bucket=32)
+    D.generate(params, cfg, [list(range(1, 6))], max_new_tokens=8, eos_id=None)
     before = dict(D.TRACE_COUNTS)
-    D.generate(params, cfg, [list(range(1, 10))], max_new_tokens=8, eos_id=None, bucket=32)
+    D.generate(params, cfg, [list(range(1, 40))], max_new_tokens=8, eos_id=None)  # same prompt bucket and window
     assert dict(D.TRACE_COUNTS) == before
-    D.generate(params, cfg, [list(range(1, 34))], max_new_tokens=8, eos_id=None, bucket=32)
-    assert D.TRACE_COUNTS["prefill"] == before["prefill"] + 1  # a new bucket (40 = 48 - 8, capped)
-    assert D.TRACE_COUNTS["sample_loop"] == before["sample_loop"]  # the loop does not depend on P
+    D.generate(params, cfg, [list(range(1, 100))], max_new_tokens=8, eos_id=None)  # bucket 128: a wider window
+    assert D.TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    assert D.TRACE_COUNTS["decode_segment"] == before["decode_segment"] + 1
+    assert [D.window_length(n) for n in (1, 128, 129, 193, 257, 600)] == [128, 128, 192, 256, 320, 640]
+
+
+def test_samples_do_not_depend_on_slots_neighbours_or_window():
+    """Sample j of prompt i is drawn from (seed, i, j) alone: 1, 3 or 8 slots (other neighbours, refills and
+    cache windows) give the same completions, and prompts of different widths share a window."""
+    cfg, params = BASE, params_of(BASE, scale=1.0)
+    prompts = PROMPTS + [list(range(30, 70))]  # a wider prompt bucket beside the short ones
+    kw = dict(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, seed=5, eos_id=7)
+    runs = [sorted(D.sample_stream(params, cfg, prompts, 3, slots=s, **kw)) for s in (1, 3, 8)]
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 12 and len({tuple(r[2]) for r in runs[0]}) > 6  # samples differ from each other
+    assert sorted(D.sample_stream(params, cfg, prompts, 3, slots=3, **{**kw, "seed": 6})) != runs[0]
+
+
+def test_skipped_samples_resume_to_the_uninterrupted_run():
+    cfg, params = BASE, params_of(BASE, scale=1.0)
+    kw = dict(max_new_tokens=N_NEW, temperature=0.8, top_p=0.95, seed=2)
+    whole = sorted(D.sample_stream(params, cfg, PROMPTS, 4, slots=5, **kw))
+    first = set((i, j) for i, j, _ in whole[::3])
+    rest = sorted(D.sample_stream(params, cfg, PROMPTS, 4, slots=2, skip=first, **kw))
+    assert rest == [x for x in whole if (x[0], x[1]) not in first]
+
+
+def _nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Reference: softmax restricted to the smallest top set with mass >= top_p, renormalised (float64, sorted)."""
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    order = np.argsort(-probs, kind="stable")
+    desc = probs[order]
+    kept = order[np.cumsum(desc) - desc < top_p]
+    out = np.zeros_like(probs)
+    out[kept] = probs[kept]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_k", [16, 3])  # 16: the cut holds the nucleus; 3: it does not (the full pass)
+def test_sampled_frequencies_match_the_nucleus(top_k):
+    """Chi-square goodness of fit of 20,000 draws (fixed seed) against softmax(logits / T) on the nucleus."""
+    temperature, top_p, draws = 0.7, 0.9, 20_000
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (64,))) * 2.0
+    expected = _nucleus(logits / temperature, top_p)
+    assert 3 < np.count_nonzero(expected) <= 16  # so that top_k=3 cannot hold the nucleus and 16 can
+    keys = jax.random.split(jax.random.PRNGKey(1), draws)
+    tokens = jax.jit(lambda k: D.sample_tokens(jnp.broadcast_to(jnp.asarray(logits), (draws, 64)), k,
+                                               jnp.float32(temperature), jnp.float32(top_p), top_k=top_k))(keys)
+    counts = np.bincount(np.asarray(tokens), minlength=64)
+    assert not counts[expected == 0].any()  # nothing outside the nucleus
+    support = expected > 0
+    assert scipy_stats.chisquare(counts[support], draws * expected[support]).pvalue > 1e-3
+
+
+def test_cut_and_full_pass_rows_mix():
+    """Rows whose nucleus the top-k holds and rows it does not, in one batch: each row keeps to its nucleus."""
+    peaked, flat = np.zeros(64), np.zeros(64)
+    peaked[7] = 10.0
+    tokens = np.asarray(D.sample_tokens(jnp.asarray(np.stack([peaked, flat] * 8)), jax.random.split(
+        jax.random.PRNGKey(3), 16), jnp.float32(1.0), jnp.float32(0.95), top_k=4))
+    assert (tokens[0::2] == 7).all() and len(set(tokens[1::2])) > 2
+
+
+def test_first_token_of_the_sampler_follows_the_models_distribution():
+    """Through the whole sampler on a tiny model: 4,000 one-token samples of a prompt match softmax(logits / T)
+    restricted to the nucleus (chi-square, fixed seed)."""
+    cfg, params = BASE, params_of(BASE, scale=3.0)
+    temperature, top_p = 0.8, 0.9
+    logits = np.asarray(full_logits(cfg)(params, jnp.asarray([PROMPTS[1]]))[0, -1], np.float64)
+    expected = _nucleus(logits / temperature, top_p)
+    samples = D.sample_stream(params, cfg, [PROMPTS[1]], 4000, max_new_tokens=1, temperature=temperature,
+                              top_p=top_p, seed=11)
+    counts = np.bincount([ids[0] for *_, ids in samples], minlength=cfg.vocab_size)
+    assert not counts[expected == 0].any() and np.count_nonzero(expected) > 2
+    support = expected > 0
+    assert scipy_stats.chisquare(counts[support], 4000 * expected[support]).pvalue > 1e-3
 
 
 def test_pad_prompts_and_buckets():

@@ -193,21 +193,22 @@ def test_eval_humaneval_of_a_pretrained_model(hf_dir, tmp_path):
 
 
 def test_an_interrupted_evaluation_resumes_to_the_same_samples(hf_dir, tmp_path):
-    """Batches are appended to samples.partial.jsonl as they finish; a rerun continues after the last whole one."""
+    """Samples are appended to samples.partial.jsonl as they finish; a rerun (here with other slots) draws only
+    the missing ones and returns the uninterrupted evaluation's samples."""
     model = load_pretrained(hf_dir)
     kw = dict(n=12, temperature=0.8, top_p=0.95, max_new_tokens=6, seed=3, progress=False, key="k")
-    whole, _ = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], **kw)
+    whole, stats = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], slots=5, **kw)
     partial = tmp_path / he.PARTIAL
     he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], partial=partial, **kw)
     lines = partial.read_text().splitlines()
-    assert len(lines) == 1 + 3  # the key, then 36 rows in batches of 16
-    partial.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # killed while writing the second batch
-    resumed, stats = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3],
-                                           partial=partial, **kw)
-    assert resumed == whole and stats["generated_tokens"] > 0
+    assert len(lines) == 1 + 36  # the key, then one line per sample
+    partial.write_text("\n".join(lines[:20]) + "\n" + lines[20][:15])  # killed while writing sample 20
+    resumed, again = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3],
+                                           partial=partial, slots=7, **kw)
+    assert resumed == whole and again["generated_tokens"] == stats["generated_tokens"] > 0
     other, _ = he.sample_completions(model.params, model.config, model.tokenizer, PROBLEMS[:3], partial=partial,
                                      **{**kw, "seed": 4, "key": "another"})  # another evaluation starts afresh
-    assert other != whole and len(partial.read_text().splitlines()) == 4
+    assert other != whole and len(partial.read_text().splitlines()) == 37
 
 
 def test_export_of_a_trained_run_loads_in_transformers(tmp_path, monkeypatch):

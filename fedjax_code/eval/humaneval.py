@@ -15,12 +15,13 @@ Outputs in the evaluation directory:
     results.jsonl    one verdict per sample: task_id, completion_id (0-based line), passed, result
     humaneval.json   pass@k, canonical-solution NLL, decode tokens/s, executions/s, n, temperature,
                      top_p, the sandbox's isolation level, and what was evaluated
-    samples.partial.jsonl  while sampling: the finished batches; rerunning the same evaluation resumes
-                     after them, and the file goes once humaneval.json is written
+    samples.partial.jsonl  while sampling: the finished samples; rerunning the same evaluation draws only
+                     the missing ones, and the file goes once humaneval.json is written
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -39,14 +40,13 @@ from fedjax_code.errors import UserError
 from fedjax_code.eval.execute import Sandbox, check_completions
 from fedjax_code.eval.metrics import canonical_nll, pass_at_k
 from fedjax_code.federated import deploys_personal
-from fedjax_code.models.decode import (
-    HUMANEVAL_STOP, TRACE_COUNTS, bucket_length, generate_with_stats, truncate_completion,
-)
+from fedjax_code.models.decode import HUMANEVAL_STOP, SLOTS, sample_stream, truncate_completion
 from fedjax_code.records import HumanEvalRecord, write_atomic, write_json
 
-DECODE_ROWS = 16  # sequences decoded together
+DECODE_ROWS = 16  # samples of one problem timed by ``decode_speed``
 PARTIAL = "samples.partial.jsonl"  # the finished batches of an evaluation still running or interrupted
 PERSONAL_NLL_CLIENTS = 4  # personalised runs: clients whose personal models' canonical NLL is also measured
+SAMPLER_VERSION = 2  # in samples.partial.jsonl's key: a file of another sampler's samples is not resumed
 DEPLOYED_CLIENT = 0  # whose personal model is sampled when the server's model is not deployable (FedRep's)
 
 
@@ -91,62 +91,54 @@ def stop_token_seqs(tokenizer) -> list[list[int]]:
             + [[i] for i in tokenizer.all_special_ids])
 
 
-def _resume_partial(path: Path | None, key: str) -> list[dict]:
-    """The finished batches that an interrupted evaluation with the same ``key`` left in ``path``; the file
-    is (re)started with just those (a line cut short by the interruption, or another key's, is dropped)."""
+def _resume_partial(path: Path | None, key: str) -> dict:
+    """{(i, j): finished sample} that an interrupted evaluation with the same ``key`` left in ``path``; the file is
+    (re)started with just those (a line cut short by the interruption, or another key's, is dropped)."""
     if path is None:
-        return []
+        return {}
     lines = path.read_text().splitlines() if path.is_file() else []
-    batches = []
+    done = {}
     try:
         if lines and json.loads(lines[0]).get("key") == key:
             for line in lines[1:]:
-                batches.append(json.loads(line))
-    except ValueError:
+                row = json.loads(line)
+                done[row["i"], row["j"]] = row
+    except (ValueError, KeyError, TypeError):
         pass
-    write_atomic(path, "".join(json.dumps(x) + "\n" for x in [{"key": key}, *batches]))
-    return batches
+    write_atomic(path, "".join(json.dumps(x) + "\n" for x in [{"key": key}, *done.values()]))
+    return done
 
 
 def sample_completions(params, model, tokenizer, problems, *, n, temperature, top_p, max_new_tokens, seed=0,
-                       prefix=(), progress=True, partial: Path | None = None, key: str = "") -> tuple[list[dict], dict]:
-    """``n`` completions per problem (truncated at HumanEval's stop sequences) and decoding stats.
+                       prefix=(), progress=True, partial: Path | None = None, key: str = "",
+                       slots: int = SLOTS) -> tuple[list[dict], dict]:
+    """``n`` completions per problem, in problem order (truncated at HumanEval's stop sequences), and decoding stats.
 
-    Each prompt is ``prefix`` + the stripped prompt's ids (``split_prompt``); each batch's KV cache holds its
-    longest prompt (bucketed) plus ``max_new_tokens``. With ``partial``, every finished batch is appended
-    there under ``key``, and a rerun with the same key resumes after the last one (batch i's sampling key
-    is ``fold_in(seed, i)``, so a resumed evaluation samples what an uninterrupted one would).
+    Each prompt is ``prefix`` + the stripped prompt's ids (``split_prompt``), sampled by ``decode.sample_stream``,
+    which draws sample j of problem i from (seed, i, j) alone. With ``partial``, every finished sample is appended
+    there under ``key``, and a rerun with the same key draws only the missing ones: it returns what an
+    uninterrupted evaluation would.
     """
-    rows = []
-    for p in problems:
-        text, tail = split_prompt(p["prompt"])
-        rows += [(p["task_id"], tail, list(prefix) + tokenizer.encode(text, add_special_tokens=False))] * n
-    stops = stop_token_seqs(tokenizer)
-    batches = _resume_partial(partial, key)
-    starts = range(len(batches) * DECODE_ROWS, len(rows), DECODE_ROWS)
-    for i in tqdm(starts, desc="decode", initial=len(batches), total=-(-len(rows) // DECODE_ROWS),
-                  disable=None if progress else True, file=sys.stderr):
-        batch = rows[i : i + DECODE_ROWS]
-        config = dataclasses.replace(model, max_len=bucket_length(max(len(r[2]) for r in batch)) + max_new_tokens)
-        traces = sum(TRACE_COUNTS.values())
-        outs, stats = generate_with_stats(
-            params, config, [ids for *_, ids in batch], max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, key=jax.random.fold_in(jax.random.PRNGKey(seed), i), eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id or 0, stop_token_seqs=stops)
-        samples = [{"task_id": t, "completion": to_completion(
-                       truncate_completion(tokenizer.decode(ids, skip_special_tokens=True)), tail)}
-                   for (t, tail, _), ids in zip(batch, outs)]
-        batches.append({"samples": samples, "generated": stats["num_generated"],
-                        "seconds": stats["decode_s"] + stats["prefill_s"],
-                        "compiled": sum(TRACE_COUNTS.values()) != traces})
-        if partial is not None:
-            with open(partial, "a") as f:
-                f.write(json.dumps(batches[-1]) + "\n")
-    generated, seconds = sum(b["generated"] for b in batches), sum(b["seconds"] for b in batches)
-    warm = [b for b in batches if not b["compiled"]] or batches  # leave out the calls that compiled a new shape
-    return [s for b in batches for s in b["samples"]], {
-        "generated_tokens": generated, "decode_s": round(seconds, 3),
-        "decode_tokens_per_s": round(sum(b["generated"] for b in warm) / max(sum(b["seconds"] for b in warm), 1e-9), 1)}
+    texts = [split_prompt(p["prompt"]) for p in problems]
+    prompts = [list(prefix) + tokenizer.encode(text, add_special_tokens=False) for text, _ in texts]
+    done, stats = _resume_partial(partial, key), {}
+    stream = sample_stream(params, model, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
+                           stop_token_seqs=stop_token_seqs(tokenizer), slots=slots, skip=set(done), stats=stats)
+    with tqdm(desc="sample", initial=len(done), total=len(problems) * n, unit="sample", disable=None if progress else True,
+              file=sys.stderr) as bar, (open(partial, "a") if partial else contextlib.nullcontext()) as log:
+        for i, j, ids in stream:
+            text = truncate_completion(tokenizer.decode(ids, skip_special_tokens=True))
+            done[i, j] = {"i": i, "j": j, "completion": to_completion(text, texts[i][1]), "generated": len(ids)}
+            if log:
+                log.write(json.dumps(done[i, j]) + "\n")
+                log.flush()
+            bar.update()
+    samples = [{"task_id": p["task_id"], "completion": done[i, j]["completion"]}
+               for i, p in enumerate(problems) for j in range(n)]
+    timing = {"decode_s": 3, "prefill_s": 3, "decode_tokens_per_s": 1, "slot_use": 3}  # this session's (resumed: none)
+    return samples, {"generated_tokens": sum(d["generated"] for d in done.values()), "slots": slots,
+                     **{k: round(stats[k], digits) for k, digits in timing.items() if stats.get("segments")}}
 
 
 def read_samples(path: Path, problems: dict) -> list[dict]:
@@ -200,10 +192,11 @@ def _evaluate(params, config, tokenizer, pretrained: bool, out: Path, cfg: EvalC
     prefix = prompt_prefix(tokenizer, pretrained)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL
-    key = json.dumps({**provenance, **dataclasses.asdict(cfg)}, sort_keys=True, default=str)
+    drawn = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "slots"}  # samples never depend on the slots
+    key = json.dumps({**provenance, **drawn, "sampler": SAMPLER_VERSION}, sort_keys=True, default=str)
     samples, decoding = sample_completions(params, config, tokenizer, chosen, n=cfg.n, temperature=cfg.temperature,
                                            top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                           prefix=prefix, progress=progress, partial=partial, key=key)
+                                           prefix=prefix, progress=progress, partial=partial, key=key, slots=cfg.slots)
     results, scoring = score(samples, {p["task_id"]: p for p in chosen}, cfg.k, cfg.timeout, cfg.workers, progress)
     nll = canonical_nll(params, config, tokenizer, select_problems(cfg.nll_problems), prefix=prefix)
     record = HumanEvalRecord(
@@ -266,7 +259,7 @@ def decode_speed(params, model, tokenizer, cfg: EvalConfig, prefix) -> float:
     evaluation samples, timed on a second call (the first compiles)."""
     first = select_problems(cfg.problems)[:1]
     kwargs = dict(n=DECODE_ROWS, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                  seed=cfg.seed, prefix=prefix, progress=False)
+                  seed=cfg.seed, prefix=prefix, progress=False, slots=DECODE_ROWS)
     sample_completions(params, model, tokenizer, first, **kwargs)
     return sample_completions(params, model, tokenizer, first, **kwargs)[1]["decode_tokens_per_s"]
 

@@ -1,22 +1,32 @@
-"""KV-cache sampling for the Llama-style decoder, after the Gemma sampler design (google-deepmind/gemma,
-``gemma/sampler.py``): a preallocated per-layer cache, a jitted prefill of left-padded prompts and a
-jitted ``lax.while_loop`` that emits one token per step and stops early once every row has finished.
+"""KV-cache sampling with continuous batching, for the Llama-style decoder.
 
-Prefill and every loop step run ``Decoder(config).apply(..., cache, cache_index, attn_mask)``, the module
-that is trained (``decoder.py`` defines the cache layout and ``init_cache``). Prompts are left-padded to a
-bucketed width P, so every row's last prompt token sits in cache slot P-1 and generated token t is written
-to slot P+t (the end index). Row b's real tokens start at slot ``P - lengths[b]``; the attention mask is
-``start_b <= key <= query`` (causal + padding) over the whole cache, and RoPE positions count from 0 at each
-row's first real token, so a row decodes exactly as it would alone. The loop's carry is a
-``SamplingState``. Sampling: greedy (temperature 0), temperature and nucleus (top-p, Holtzman et al.
-2020). Stop sequences (token ids) are matched each step against a fixed window of the last few generated ids.
+The engine follows JetStream's prefill / insert / generate split (google/JetStream) and keeps Gemma's explicit
+cache argument (google-deepmind/gemma, ``gemma/sampler.py``); every forward pass is ``Decoder(config).apply``,
+the module that is trained (``decoder.py`` defines the cache layout).
+
+* **Decode slots.** ``S`` slots (``Slots``), each with its own cache rows, position, sample key and stop state.
+  A slot holds one sample; once it finishes, the host hands it the next pending sample at once.
+* **One prefill per prompt.** A prompt is prefilled once (batch 1, left-padded to a multiple of
+  ``PROMPT_BUCKET``) and its cache copied into the slot of each of its samples (``insert``). A slot's prompt
+  sits at cache slots [start, P), its generated tokens after it; RoPE positions count from 0 at ``start``.
+* **A cache read only where it is filled.** The slots' cache is W positions long, W the shortest window
+  (``window_length``: a multiple of 64) that holds every active slot plus one segment. The jitted loop
+  (``decode_segment``) runs up to ``SEGMENT`` steps, or until ``refill_at`` slots finished, then the host
+  refills slots and grows or shrinks W (``resize``). One compile per (model, S, W), not per prompt width.
+* **Nucleus sampling inside the top-k** (``sample_tokens``): exact wherever the top ``TOP_K`` tokens hold the
+  nucleus; other rows take the full-vocabulary path.
+* **Reproducible samples.** Token t of sample j of prompt i is drawn with
+  ``fold_in(fold_in(fold_in(PRNGKey(seed), i), j), t)``: it depends on (seed, i, j) only, never on the slot,
+  the neighbours or an interruption.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +34,20 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from fedjax_code.models.decoder import Decoder, init_cache
+from fedjax_code.config import EvalConfig
+from fedjax_code.malloc import glibc_defaults
+from fedjax_code.models.decoder import POSITION_AXIS, Decoder, cache_length, init_cache
 from fedjax_code.models.scales import ModelConfig
 
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
 TRACE_COUNTS: collections.Counter = collections.Counter()  # bumped only while tracing (compile counter)
 _SENTINEL = -1  # fills the stop-window before the first generated token; never a token id
+SLOTS = EvalConfig.slots  # decode slots: the batch of every step
+SEGMENT = 16  # decode steps between host visits (refills and window changes)
+WINDOW_STEP = 64  # cache windows are multiples of this: one compile per window, each step reads the window only
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one prefill compile per bucket
+TOP_K = 128  # nucleus sampling searches the top TOP_K tokens first (``sample_tokens``)
+FULL_ROWS = 4  # rows whose nucleus is wider than the top TOP_K are drawn FULL_ROWS at a time
 
 
 def attention_mask(start: jax.Array, query_slots: jax.Array, cache_len: int) -> jax.Array:
@@ -64,20 +82,21 @@ def pad_prompts(prompts, pad_id: int = 0, bucket: int | str | None = 32, max_len
     return jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
-def prefill(params, config: ModelConfig, tokens, lengths, cache_len: int | None = None):
-    """Run left-padded prompts [B,P] through a fresh cache -> (logits of each row's last token [B,V], cache)."""
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(params, config: ModelConfig, tokens, lengths):
+    """Run left-padded prompts [B,P] through a fresh P-slot cache -> (logits of each row's last token [B,V],
+    cache). Row b's real tokens sit at slots [P - lengths[b], P) with RoPE positions 0, 1, ..."""
     TRACE_COUNTS["prefill"] += 1
     b, p = tokens.shape
-    cache = init_cache(config, b, cache_len)
+    cache = init_cache(config, b, p)
     start, slots = p - lengths, jnp.arange(p)
     positions = jnp.maximum(slots[None, :] - start[:, None], 0)
-    mask = attention_mask(start, slots[None, :], cache[0]["k"].shape[1])
+    mask = attention_mask(start, slots[None, :], p)
     logits, cache = Decoder(config).apply({"params": params}, tokens, positions, cache, 0, mask, logits_to_keep=1)
     return logits[:, 0], cache
 
 
-# ----------------------------------------------------------------------------- sampling loop
+# ----------------------------------------------------------------------------- sampling one token
 
 def nucleus_filter(logits, top_p, iters: int = 32):
     """Keep the smallest top set of tokens whose probability mass reaches top_p (Holtzman et al. 2020).
@@ -98,12 +117,48 @@ def nucleus_filter(logits, top_p, iters: int = 32):
     return jnp.where(probs >= lo, logits, -jnp.inf)
 
 
-def sample_token(logits, key, temperature, top_p):
-    """Token ids [B] from logits [B,V]: argmax if temperature <= 0, else temperature + top-p sampling."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    scaled = lax.cond(top_p < 1.0, nucleus_filter, lambda x, _: x, scaled, top_p)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+def _categorical(keys, logits):
+    """One draw per row: keys [B,2], logits [B,N] -> [B] indices."""
+    return jax.vmap(jax.random.categorical)(keys, logits)
+
+
+def sample_tokens(logits, keys, temperature, top_p, rows=None, top_k: int = TOP_K):
+    """Token ids [B] from logits [B,V] with one key per row [B,2]: argmax when temperature <= 0, else a draw
+    from softmax(logits / T) restricted to the nucleus, the smallest set of most likely tokens whose mass
+    reaches top_p (Holtzman et al. 2020).
+
+    The approximation, and why it changes nothing: the nucleus is looked for among the top_k logits only, with
+    their probabilities normalised over the full vocabulary. Where the top_k mass reaches top_p, the nucleus lies
+    inside the cut, so the draw has exactly the full-vocabulary distribution. Rows where it does not (a flat
+    distribution; ``rows`` masks the rows that count) are drawn by the full pass (``nucleus_filter``), FULL_ROWS
+    rows at a time and only when some row needs it. A top_p of 1 samples the full softmax. Ties at the
+    nucleus' edge are broken by top_k's order here, and kept whole by the full pass.
+    """
+    def sample(_):
+        scaled = logits / temperature
+        vals, idx = lax.top_k(scaled, top_k)
+        probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the mass before a token is short of top_p
+        cut = jnp.take_along_axis(idx, _categorical(keys, jnp.where(keep, vals, -jnp.inf))[:, None], axis=1)[:, 0]
+        outside = (jnp.sum(probs, axis=-1) < top_p) | (top_p >= 1.0)
+        return _full_pass(scaled, keys, top_p, outside if rows is None else outside & rows, cut)
+
+    greedy = lambda _: jnp.argmax(logits, axis=-1)
+    return lax.cond(temperature > 0, sample, greedy, None).astype(jnp.int32)
+
+
+def _full_pass(scaled, keys, top_p, need, tokens):
+    """``tokens`` [B] with the rows in ``need`` redrawn from the full-vocabulary nucleus, FULL_ROWS rows per pass."""
+    chunk = min(FULL_ROWS, need.shape[0])
+    order = jnp.argsort(~need, stable=True)  # the rows in need first
+
+    def one(c, tokens):
+        at = lax.dynamic_slice(order, (c * chunk,), (chunk,))  # clamped at the end: a row may be redrawn, the same
+        logits = scaled[at]
+        nucleus = lax.cond(top_p < 1.0, nucleus_filter, lambda x, _: x, logits, top_p)
+        return tokens.at[at].set(jnp.where(need[at], _categorical(keys[at], nucleus), tokens[at]))
+
+    return lax.fori_loop(0, -(-jnp.sum(need) // chunk), one, tokens)
 
 
 def stop_arrays(stop_token_seqs) -> tuple[np.ndarray, np.ndarray]:
@@ -122,97 +177,221 @@ def _stop_hit(window, stop_ids, stop_valid):
     return jnp.any(jnp.all(eq, axis=-1), axis=-1)
 
 
+# ----------------------------------------------------------------------------- decode slots
+
+def window_length(n: int) -> int:
+    """The shortest cache window that holds n positions: a multiple of WINDOW_STEP, at least 2 of them."""
+    return max(2, -(-n // WINDOW_STEP)) * WINDOW_STEP
+
+
 @struct.dataclass
-class SamplingState:
-    """The carry of ``sample_loop``'s ``lax.while_loop`` (B rows, W stop-window width, N max new tokens)."""
+class Slots:
+    """The decode state of S slots: the carry of ``decode_segment`` (W window, N max new tokens, K stop width)."""
 
-    step: jax.Array  # [] int32: tokens sampled so far
-    done: jax.Array  # [B] bool: the row emitted EOS or ended a stop sequence
-    num: jax.Array  # [B] int32: tokens generated per row (a final EOS counted)
-    buf: jax.Array  # [B, W-1+N] int32: W-1 sentinels, then the generated ids (pad_id once done)
-    logits: jax.Array  # [B, V] float32: logits of the next token
-    cache: list  # n_layers x {"k", "v"} [B, L, n_kv_heads, head_dim] compute dtype
+    cache: list  # n_layers x {"k", "v"}: W positions of S rows (``decoder.init_cache``), compute dtype
+    logits: jax.Array  # [S, V] float32: logits of each slot's next token
+    start: jax.Array  # [S] int32: cache slot of the prompt's first token
+    pos: jax.Array  # [S] int32: cache slot of the next token fed
+    num: jax.Array  # [S] int32: tokens generated (a final EOS counted)
+    active: jax.Array  # [S] bool: holds a sample still generating
+    key: jax.Array  # [S, 2] uint32: the sample's key (token t draws with fold_in(key, t))
+    out: jax.Array  # [S, K-1+N] int32: K-1 sentinels, then the generated ids
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def sample_loop(params, config: ModelConfig, cache, logits, lengths, prompt_len, key, temperature, top_p,
-                eos_id, pad_id, stop_ids, stop_valid, *, max_new_tokens: int):
-    """Decode up to max_new_tokens after ``prefill``; returns (ids [B,N], num_generated [B], steps).
+def empty_slots(config: ModelConfig, slots: int, window: int, stop_width: int, max_new_tokens: int) -> Slots:
+    zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+    return Slots(cache=init_cache(config, slots, window),
+                 logits=jnp.zeros((slots, config.vocab_size), jnp.float32), start=zeros(slots), pos=zeros(slots),
+                 num=zeros(slots), active=jnp.zeros((slots,), bool), key=jnp.zeros((slots, 2), jnp.uint32),
+                 out=zeros(slots, stop_width - 1 + max_new_tokens))
 
-    Each step samples from the current logits (key folded with the step), records the token, marks rows
-    that emitted ``eos_id`` or ended a stop sequence as done (later slots hold ``pad_id``), then feeds the
-    token through the cache at slot prompt_len + step. Exits once every row is done.
+
+@functools.partial(jax.jit, static_argnames=("window",))
+def resize(slots: Slots, window: int) -> Slots:
+    """The slots with their cache cut or zero-padded to ``window`` positions (every active slot must fit)."""
+    TRACE_COUNTS["resize"] += 1
+    def fit(x, axis):
+        if window <= x.shape[axis]:
+            return lax.slice_in_dim(x, 0, window, axis=axis)
+        return jnp.pad(x, [(0, window - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+    return slots.replace(cache=[{n: fit(layer[n], POSITION_AXIS[n]) for n in layer} for layer in slots.cache])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def insert(slots: Slots, slot, prompt_cache, logits, length, key) -> Slots:
+    """Slot ``slot`` starts a sample of a prefilled prompt: its cache [1,P,...] (the prompt left-padded to P,
+    ``length`` real tokens), the logits of its last token [V] and the sample's key."""
+    TRACE_COUNTS["insert"] += 1
+    p = cache_length(prompt_cache)
+    cache = [{name: lax.dynamic_update_slice(layer[name], new[name], (slot, 0, 0, 0)) for name in ("k", "v")}
+             for layer, new in zip(slots.cache, prompt_cache)]
+    sentinel = jnp.full(slots.out.shape[1:], _SENTINEL, jnp.int32)
+    return slots.replace(cache=cache, logits=slots.logits.at[slot].set(logits), start=slots.start.at[slot].set(p - length),
+                         pos=slots.pos.at[slot].set(p), num=slots.num.at[slot].set(0),
+                         active=slots.active.at[slot].set(True), key=slots.key.at[slot].set(key),
+                         out=slots.out.at[slot].set(sentinel))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "max_new_tokens"), donate_argnums=1)
+def decode_segment(params, slots: Slots, config: ModelConfig, stop_ids, stop_valid, temperature, top_p, eos_id,
+                   refill_at, *, steps: int, max_new_tokens: int):
+    """Up to ``steps`` decode steps of every active slot -> (slots, steps run); stops early once ``refill_at``
+    samples finished or none is left.
+
+    Each step draws every active slot's next token from its logits, appends it to ``out``, ends the sample on
+    EOS, a completed stop sequence or max_new_tokens, and feeds the tokens of the samples still going through
+    the cache at their own positions. Inactive slots are computed and discarded (fixed shapes).
     """
-    TRACE_COUNTS["sample_loop"] += 1
-    b, w = logits.shape[0], stop_ids.shape[1]
-    start, cache_len = prompt_len - lengths, cache[0]["k"].shape[1]
-    cols = jnp.arange(w - 1 + max_new_tokens)
-    buf = jnp.broadcast_to(jnp.where(cols < w - 1, _SENTINEL, pad_id), (b, cols.shape[0])).astype(jnp.int32)
-    model = Decoder(config)
+    TRACE_COUNTS["decode_segment"] += 1
+    model, width = Decoder(config), stop_ids.shape[1]
+    rows, keys_at = jnp.arange(slots.pos.shape[0]), jnp.arange(cache_length(slots.cache))
 
-    def feed(tok, step, cache):
-        mask = attention_mask(start, (prompt_len + step)[None, None], cache_len)
-        out, cache = model.apply({"params": params}, tok[:, None], (lengths + step)[:, None], cache,
-                                 prompt_len + step, mask)
-        return out[:, 0], cache
+    def body(carry):
+        s, step, finished = carry
+        keys = jax.vmap(jax.random.fold_in)(s.key, s.num)
+        tok = jnp.where(s.active, sample_tokens(s.logits, keys, temperature, top_p, s.active), 0)
+        out = s.out.at[rows, width - 1 + s.num].set(tok, mode="drop")
+        window = jax.vmap(lambda r, n: lax.dynamic_slice(r, (n,), (width,)))(out, s.num)
+        num = s.num + s.active
+        ended = s.active & ((tok == eos_id) | _stop_hit(window, stop_ids, stop_valid) | (num >= max_new_tokens))
+        going = s.active & ~ended
+        mask = (keys_at >= s.start[:, None]) & (keys_at <= s.pos[:, None])
+        logits, cache = model.apply({"params": params}, tok[:, None], (s.pos - s.start)[:, None], s.cache, s.pos,
+                                    mask[:, None])
+        s = s.replace(cache=cache, logits=logits[:, 0], pos=s.pos + going, num=num, active=going, out=out)
+        return s, step + 1, finished + jnp.sum(ended)
 
-    def body(s: SamplingState) -> SamplingState:
-        tok = jnp.where(s.done, pad_id, sample_token(s.logits, jax.random.fold_in(key, s.step), temperature, top_p))
-        buf = lax.dynamic_update_slice(s.buf, tok[:, None], (0, w - 1 + s.step))
-        window = lax.dynamic_slice(buf, (0, s.step), (b, w))
-        finished = s.done | (tok == eos_id) | _stop_hit(window, stop_ids, stop_valid)
-        more = ~jnp.all(finished) & (s.step + 1 < max_new_tokens)
-        new_logits, new_cache = lax.cond(more, lambda c: feed(tok, s.step, c), lambda c: (s.logits, c), s.cache)
-        return SamplingState(step=s.step + 1, done=finished, num=s.num + (~s.done).astype(jnp.int32), buf=buf,
-                             logits=new_logits, cache=new_cache)
+    def cond(carry):
+        s, step, finished = carry
+        return (step < steps) & (finished < refill_at) & jnp.any(s.active)
 
-    def cond(s: SamplingState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    init = SamplingState(step=jnp.int32(0), done=jnp.zeros((b,), bool), num=jnp.zeros((b,), jnp.int32), buf=buf,
-                         logits=logits, cache=list(cache))
-    s = lax.while_loop(cond, body, init)
-    return s.buf[:, w - 1:], s.num, s.step
+    slots, step, _ = lax.while_loop(cond, body, (slots, jnp.int32(0), jnp.int32(0)))
+    return slots, step
 
 
 # ----------------------------------------------------------------------------- host API
 
+def sample_key(seed: int, prompt: int, sample: int) -> jax.Array:
+    """The key of sample ``sample`` of prompt ``prompt``: fold_in(fold_in(PRNGKey(seed), prompt), sample)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), prompt), sample)
+
+
+class _Prompts:
+    """Prefills each prompt once, when its first sample is scheduled, and forgets it after its last."""
+
+    def __init__(self, params, config, prompts, pad_id, left: dict):
+        self.params, self.config, self.prompts, self.pad_id, self.left = params, config, prompts, pad_id, left
+        self.ready, self.seconds = {}, 0.0
+
+    def take(self, i: int):
+        """(cache, logits [V], length) of prompt i, for one more of its samples."""
+        if i not in self.ready:
+            t0 = time.perf_counter()
+            tokens, lengths = pad_prompts([self.prompts[i]], self.pad_id, PROMPT_BUCKET)
+            logits, cache = jax.block_until_ready(prefill(self.params, self.config, tokens, lengths))
+            self.ready[i] = (cache, logits[0], int(lengths[0]))
+            self.seconds += time.perf_counter() - t0
+        self.left[i] -= 1
+        return self.ready[i] if self.left[i] else self.ready.pop(i)
+
+
+def _fill(held: list, pending: collections.deque) -> list[int]:
+    """Give free slots (``held[s]`` None) the next pending samples; returns the slots filled."""
+    filled = [s for s in range(len(held)) if held[s] is None][: len(pending)]
+    for s in filled:
+        held[s] = pending.popleft()
+    return filled
+
+
+def sample_stream(params, config: ModelConfig, prompts: Sequence[Sequence[int]], n: int = 1, *, max_new_tokens: int,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                  pad_id: int = 0, stop_token_seqs=(), slots: int = SLOTS, skip=frozenset(),
+                  stats: dict | None = None) -> Iterator[tuple[int, int, list[int]]]:
+    """Yield (prompt i, sample j, generated ids) for the ``n`` samples of every prompt, in the order they finish.
+
+    The ids end with EOS or a completed stop sequence when one ended the sample. Samples (i, j) in ``skip`` are
+    not drawn (a resumed evaluation). ``stats``, if given, is filled with generated_tokens (EOS counted), steps,
+    segments, prefill_s, decode_s (inserts, window changes and decode steps, compiles included),
+    decode_tokens_per_s (over the segments that compiled nothing, when there are some) and slot_use (the share
+    of slot-steps that generated a token).
+    RoPE positions may pass ``config.max_len`` (a long prompt plus max_new_tokens); no error is raised for that.
+    """
+    longest = bucket_length(max(len(p) for p in prompts), PROMPT_BUCKET)
+    config = dataclasses.replace(config, max_len=max(config.max_len, longest + max_new_tokens))
+    stop_ids, stop_valid = stop_arrays(stop_token_seqs)
+    pending = collections.deque((i, j) for i in range(len(prompts)) for j in range(n) if (i, j) not in skip)
+    left = collections.Counter(i for i, _ in pending)
+    store = _Prompts(params, config, [list(p) for p in prompts], pad_id, left)
+    scalars = (jnp.float32(max(temperature, 0.0)), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id))
+    held: list = [None] * slots  # the (i, j) each slot holds
+    state, pos, num, totals = None, np.zeros(slots, np.int64), np.zeros(slots, np.int64), collections.Counter()
+    with glibc_defaults():  # the window's buffers change size: a never-trimmed heap fragments (malloc.py)
+        while pending or any(h is not None for h in held):
+            new = [(s, *store.take(held[s][0])) for s in _fill(held, pending)]
+            for s, cache, *_ in new:
+                pos[s], num[s] = cache_length(cache), 0  # the prompt's padded width; nothing generated yet
+            t0, compiles = time.perf_counter(), sum(TRACE_COUNTS.values())
+            window = window_length(max(pos[s] for s in range(slots) if held[s] is not None) + SEGMENT)
+            if state is None:
+                state = empty_slots(config, slots, window, stop_ids.shape[1], max_new_tokens)
+            elif not 0 <= cache_length(state.cache) - window < 2 * WINDOW_STEP:  # grow, or shrink by 2+ steps
+                state = resize(state, window)
+            for s, cache, logits, length in new:
+                state = insert(state, s, cache, logits, length, sample_key(seed, *held[s]))
+            refill_at = max(1, slots // 16) if pending else slots + 1
+            state, steps = decode_segment(params, state, config, stop_ids, stop_valid, *scalars, jnp.int32(refill_at),
+                                          steps=SEGMENT, max_new_tokens=max_new_tokens)
+            before = num
+            active, num, pos = (np.array(x) for x in (state.active, state.num, state.pos))
+            seconds, tokens = time.perf_counter() - t0, int(np.sum(num - before))
+            totals.update(decode_s=seconds, steps=int(steps), segments=1, generated_tokens=tokens)
+            if sum(TRACE_COUNTS.values()) == compiles:
+                totals.update(warm_s=seconds, warm_tokens=tokens)
+            done = [s for s in range(slots) if held[s] is not None and not active[s]]
+            out = np.asarray(state.out) if done else None
+            for s in done:
+                yield (*held[s], [int(t) for t in out[s, stop_ids.shape[1] - 1:][: num[s]]])
+                held[s] = None
+    if stats is not None:
+        warm = ("warm_tokens", "warm_s") if totals["warm_s"] else ("generated_tokens", "decode_s")
+        stats.update(generated_tokens=totals["generated_tokens"], steps=totals["steps"], segments=totals["segments"],
+                     prefill_s=store.seconds, decode_s=totals["decode_s"],
+                     decode_tokens_per_s=totals[warm[0]] / max(totals[warm[1]], 1e-9),
+                     slot_use=totals["generated_tokens"] / max(totals["steps"] * slots, 1))
+
+
 def generate_with_stats(params, config: ModelConfig, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-                        top_p: float = 1.0, key=None, eos_id: int | None = None, pad_id: int = 0,
-                        stop_token_seqs=(), bucket: int | str | None = 32):
-    """``generate`` plus a stats dict: num_generated (total and per row, EOS counted), steps, prefill_s,
-    decode_s and decode_tokens_per_s (timings include compilation on a shape's first call)."""
+                        top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, pad_id: int = 0,
+                        stop_token_seqs=(), slots: int = SLOTS):
+    """``generate`` plus ``sample_stream``'s stats, with num_generated (total) and num_generated_per_row (EOS
+    counted)."""
     if max_new_tokens < 1 or max_new_tokens >= config.max_len:
         raise ValueError(f"max_new_tokens must be in [1, {config.max_len}), not {max_new_tokens}")
-    tokens, lengths = pad_prompts(prompts, pad_id, bucket, max_len=config.max_len - max_new_tokens)
-    stop_ids, stop_valid = stop_arrays(stop_token_seqs)
-    key = jax.random.PRNGKey(0) if key is None else key
-    eos = -1 if eos_id is None else eos_id
-    t0 = time.perf_counter()
-    logits, cache = jax.block_until_ready(prefill(params, config, tokens, lengths))
-    t1 = time.perf_counter()
-    ids, num, steps = jax.block_until_ready(sample_loop(
-        params, config, cache, logits, lengths, jnp.int32(tokens.shape[1]), key, jnp.float32(temperature),
-        jnp.float32(top_p), jnp.int32(eos), jnp.int32(pad_id), stop_ids, stop_valid, max_new_tokens=max_new_tokens))
-    t2 = time.perf_counter()
-    ids, num = np.asarray(ids), np.asarray(num)
-    rows = [[int(t) for t in r[:n]] for r, n in zip(ids, num)]
-    rows = [r[:-1] if r and r[-1] == eos else r for r in rows]
-    total = int(num.sum())
-    return rows, {"num_generated": total, "num_generated_per_row": num.tolist(), "steps": int(steps),
-                  "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens_per_s": total / max(t2 - t1, 1e-9)}
+    if not prompts or min(map(len, prompts)) < 1:
+        raise ValueError("every prompt needs at least one token")
+    if max(map(len, prompts)) > config.max_len - max_new_tokens:
+        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens exceeds the "
+                         f"{config.max_len - max_new_tokens} that max_len leaves beside {max_new_tokens} new tokens")
+    stats, rows = {}, [None] * len(prompts)
+    for i, _, ids in sample_stream(params, config, prompts, 1, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                                   stop_token_seqs=stop_token_seqs, slots=min(slots, len(prompts)), stats=stats):
+        rows[i] = ids
+    stats.update(num_generated=stats["generated_tokens"], num_generated_per_row=[len(r) for r in rows])
+    rows = [r[:-1] if r and r[-1] == eos_id else r for r in rows]
+    return rows, stats
 
 
 def generate(params, config: ModelConfig, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, key=None, eos_id: int | None = None, pad_id: int = 0, stop_token_seqs=(),
-             bucket: int | str | None = 32) -> list[list[int]]:
-    """Completions (token ids, final EOS dropped, stop-sequence ids kept) of token-id prompts.
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, pad_id: int = 0, stop_token_seqs=(),
+             slots: int = SLOTS) -> list[list[int]]:
+    """Completions (token ids, final EOS dropped, stop-sequence ids kept) of token-id prompts, one sample each.
 
     Use ``generate_with_stats`` for token counts and timings (decode tokens/s).
     """
     return generate_with_stats(params, config, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, key=key, eos_id=eos_id, pad_id=pad_id,
-                               stop_token_seqs=stop_token_seqs, bucket=bucket)[0]
+                               top_p=top_p, seed=seed, eos_id=eos_id, pad_id=pad_id,
+                               stop_token_seqs=stop_token_seqs, slots=slots)[0]
 
 
 def truncate_completion(text: str, stop_sequences=HUMANEVAL_STOP) -> str:
