@@ -113,11 +113,13 @@ def test_clear_winner_collapses_the_ci(tmp_path):
             passes = {t: (3 if scale == 2.0 else int(i < 2)) for i, t in enumerate(TASKS)}
             cells.append(({"scale": scale, "seed": seed}, {"params": params, "passes": passes}))
     out = write_report(make_sweep(tmp_path, cells))
-    assert ("the scaling factor that maximises HumanEval pass@10 is 2 on iid data (heterogeneity 0.300; 95% "
-            "bootstrap CI 2-2, 100% of resamples)") in out["answer"]
-    assert out["answer"].startswith("With 25% participation of 16 clients (FedAvg),")
+    assert out["answer"].startswith("With 25% participation of 16 clients (FedAvg), ranked by HumanEval pass@10: on "
+                                    "iid data (heterogeneity 0.300) the best scaling factor is 2 (paired difference "
+                                    "+0.9 against ")
+    assert "seed spread 0 over 2 seeds)" in out["answer"]  # both seeds identical: no seed noise
     group = _answer(tmp_path)["groups"][0]
     assert group["metric"] == "pass@10" and group["optimal"] == 2.0 and group["ci"] == [2.0, 2.0]
+    assert group["distinct"] and all(p["distinct"] for p in group["paired"].values())
     assert group["agreement"] == 1.0 and group["values"]["0.5"] == pytest.approx(0.1)
 
 
@@ -132,7 +134,8 @@ def test_a_lora_rank_axis_is_named_and_sized_by_its_adapters(tmp_path):
         summary["model"]["params_trainable"] = 10_000 * rank  # the adapters grow with the rank, the base does not
         (cell / "run" / "summary.json").write_text(json.dumps(summary))
     out = write_report(sweep)
-    assert "the LoRA rank that maximises HumanEval pass@10 is 16 on iid data" in out["answer"]
+    assert ("ranked by HumanEval pass@10: on iid data (heterogeneity 0.300) no LoRA rank is distinguishable from the "
+            "others: 16 is highest but not distinguishable") in out["answer"]  # one seed
     assert "The scale axis is the LoRA rank (`model.lora_rank`) (`params` counts the trained adapters)" in \
         (tmp_path / "report.md").read_text()
     assert sorted(int(r.split(",")[0]) for r in _csv_column(tmp_path, "params")) == [40_000, 160_000, 640_000]
@@ -169,10 +172,13 @@ def test_zero_pass_everywhere_ranks_by_nll(tmp_path):
     cells = [({"scale": s}, {"params": p, "passes": {t: 0 for t in TASKS}, "nll": {t: v for t in TASKS}})
              for s, p, v in ((0.5, 250_000, 2.0), (1.0, 1_000_000, 1.2), (2.0, 4_000_000, 1.5))]
     out = write_report(make_sweep(tmp_path, cells))
-    assert "pass@10 is 0 at every scaling factor on iid data, so the scaling factors are ranked by HumanEval NLL " \
-           "instead: the best is 1 on iid data" in out["answer"]
+    assert ("pass@10 is 0 at every scaling factor on iid data, so the scaling factors are ranked by HumanEval NLL "
+            "(lower is better) instead: on iid data (heterogeneity 0.300) no scaling factor is distinguishable from "
+            "the others: 1 is lowest but not distinguishable (paired difference -0.3 against 2, 95% CI -0.3 to -0.3; "
+            "single seed: seed spread unknown, so a second seed is needed to name a best).") in out["answer"]
     group = _answer(tmp_path)["groups"][0]
     assert group["metric"] == "humaneval_nll" and group["nll_because"] == "zero" and group["ci"] == [1.0, 1.0]
+    assert not group["distinct"] and group["paired"]["2.0"]["seed_spread"] is None
 
 
 def test_results_csv_has_a_row_per_finished_cell(tmp_path):
@@ -205,7 +211,7 @@ def test_partial_sweep_reports_failed_and_missing_cells(tmp_path):
                               {"id": "c003", "status": "training", "error": None}]
     md = (tmp_path / "report.md").read_text()
     assert "out of memory at round 3" in md and "not started" in md and "Finished cells: 1 of 4" in md
-    assert "only scale that has finished" in out["answer"]
+    assert "on iid data (heterogeneity 0.300) only 1 has finished." in out["answer"]
 
 
 def test_not_a_sweep_directory(tmp_path):
@@ -262,8 +268,8 @@ def test_full_grid_plots_gap_and_algorithms(tmp_path):
     assert ("On dirichlet-0.5 data, fedprox closes the non-IID gap most (held-out loss +0.1 nats against iid, 0.2 "
             "nats less than fedavg's; the gap's seed spread 0.01); the lowest non-IID loss is fedprox's") in md
     assert "| iid, 25%, fedavg | final_eval_loss | 1.505 | 300 | 0.4 |" in md  # seed mean: 1.5 + 0.005
-    assert "With 25% participation of 16 clients (FedAvg), the scaling factor that maximises HumanEval pass@10 is 4 on iid" \
-           in out["answer"]
+    assert ("With 25% participation of 16 clients (FedAvg), ranked by HumanEval pass@10: on iid data (heterogeneity "
+            "0.300) the best scaling factor is 4") in out["answer"]
     assert out["answer"].count("dirichlet-0.5 data") == 2
     fitted = [g for g in json.loads((tmp_path / "answer.json").read_text())["groups"]]
     assert len(fitted) == 4 and all(g["optimal"] == 4.0 for g in fitted)
@@ -332,4 +338,5 @@ def test_a_tie_at_the_top_is_stated_by_pass_at_k_with_a_ci_spanning_the_tied_sca
     group = _answer(tmp_path)["groups"][0]
     assert group["metric"] == "pass@10" and group["nll_because"] is None
     assert group["optimal"] == 1.0 and group["ci"][0] <= 1.0 and group["ci"][1] == 2.0  # spans the tied 1 and 2
-    assert "the scaling factor that maximises HumanEval pass@10 is 1 on iid data" in out["answer"]
+    assert "no scaling factor is distinguishable from the others: 1 is highest but not distinguishable (paired " \
+           "difference +0 against 2, 95% CI +0 to +0;" in out["answer"] and not group["distinct"]

@@ -1,7 +1,9 @@
-"""The sweep's answer: per group of cells, the scale (a factor, a LoRA rank or a named model) that maximises
-HumanEval pass@k, with a bootstrap CI over problems and seeds (``fits.bootstrap_optimum``; a tie at the top
-shows as a CI spanning the tied scales), or the one that minimises the canonical-solution NLL only when
-pass@k is 0 everywhere; and the sentence that says so.
+"""The sweep's answer: per group of cells, the scale (a factor, a LoRA rank or a named model) with the highest
+HumanEval pass@k, or the lowest canonical-solution NLL only when pass@k is 0 everywhere, and the sentence that
+says so. The top scale is named the best only where it is distinguishable from every other scale of its group:
+the paired bootstrap CI over problems of the difference excludes 0 and the difference exceeds its seed spread
+(``fits.paired_vs_best``). With one seed that spread is unknown, so no best is named. ``answer.json`` keeps the
+bootstrap of the optimum (``fits.bootstrap_optimum``: ``optimal``, the top scale, and its ``ci``) beside them.
 """
 
 from __future__ import annotations
@@ -52,17 +54,43 @@ def _values(cells, metric: str) -> tuple[np.ndarray, list[float]]:
 
 
 def answer_group(cells, resamples: int) -> dict:
-    """The best scale of one group by pass@k, or by HumanEval NLL when pass@k is 0 everywhere."""
+    """One group ranked by pass@k, or by HumanEval NLL when pass@k is 0 everywhere: ``fits.bootstrap_optimum``
+    (its ``optimal`` is the top scale, distinguishable or not), ``seed_spread`` of each scale's mean metric (None
+    with one seed), ``paired``: ``fits.paired_vs_best`` of the top against each other scale, and ``distinct``:
+    whether the top is distinguishable from every other scale (the only case in which a best is named)."""
     rows = [r for r, _ in cells]
     metric = pass_metric(rows)
-    result = fits.bootstrap_optimum(*_values(cells, metric), True, resamples)
-    best = max((v for v in result["values"].values() if np.isfinite(v)), default=0.0)
-    reason = "zero" if best == 0 else None
+    values, scales = _values(cells, metric)
+    reason = None if (np.nan_to_num(values) > 0).any() else "zero"
     if reason:
-        result = fits.bootstrap_optimum(*_values(cells, "humaneval_nll"), False, resamples)
+        values, scales = _values(cells, "humaneval_nll")
+    result = fits.bootstrap_optimum(values, scales, reason is None, resamples)
+    paired = fits.paired_vs_best(values, scales, result["optimal"], reason is None, resamples)
     return {**{a: rows[0][a] for a in GROUP_AXES}, "metric": "humaneval_nll" if reason else metric,
             "pass_metric": metric, "nll_because": reason,
-            "heterogeneity": float(np.mean([r["heterogeneity"] for r in rows])), **result}
+            "heterogeneity": float(np.mean([r["heterogeneity"] for r in rows])), **result,
+            "seed_spread": {float(s): fits.seed_spread(fits.row_means(v)) for s, v in zip(scales, values)},
+            "paired": paired, "distinct": bool(paired) and all(p["distinct"] for p in paired.values())}
+
+
+PAIRED_COLUMNS = {  # results.csv column -> what it holds, for a row's scale in its group (the same for every seed)
+    "paired_metric": "the metric ranked: pass@k, or humaneval_nll where pass@k is 0 everywhere",
+    "paired_best": "the group's top scale by that metric (a best only where paired_distinct holds for every other)",
+    "paired_diff_vs_best": "the top's mean minus this scale's on the same problems (blank for the top itself)",
+    "paired_ci_low": "95% paired-bootstrap CI of that difference over problems: low",
+    "paired_ci_high": "and high",
+    "paired_diff_seed_spread": "the seed spread (std over seeds, ddof 1) of the difference; blank with one seed",
+    "paired_distinct": "the top is distinguishable from this scale: the CI excludes 0 and the difference exceeds "
+                       "its seed spread",
+    "metric_seed_spread": "the seed spread of this scale's mean metric; blank with one seed"}
+
+
+def paired_columns(group: dict, scale) -> dict:
+    """The PAIRED_COLUMNS of ``scale`` in ``group`` (an ``answer_group``), "" where there is no value."""
+    p = group["paired"].get(float(scale), {})
+    values = [group["metric"], group["optimal"], p.get("diff"), *p.get("ci", [None, None]), p.get("seed_spread"),
+              p.get("distinct"), group["seed_spread"].get(float(scale))]
+    return {k: "" if v is None else v for k, v in zip(PAIRED_COLUMNS, values)}
 
 
 def noniid_gaps(rows: list[dict], metric: str) -> list[dict]:
@@ -79,7 +107,8 @@ def noniid_gaps(rows: list[dict], metric: str) -> list[dict]:
         if p == "iid" or iid is None:
             continue
         gap = float(np.mean(v) - np.mean(iid))
-        spread = float(np.sqrt(np.var(v, ddof=1) + np.var(iid, ddof=1))) if min(len(v), len(iid)) > 1 else None
+        spreads = fits.seed_spread(v), fits.seed_spread(iid)
+        spread = None if None in spreads else float(np.hypot(*spreads))
         out.append({"partition": p, **dict(zip(keys[1:], rest)), "iid": float(np.mean(iid)),
                     "noniid": float(np.mean(v)), "gap": gap, "spread": spread, "seeds": min(len(v), len(iid)),
                     "real": None if spread is None else abs(gap) > spread})
@@ -113,13 +142,22 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _clause(g: dict, first: bool) -> str:
-    data = f"{g['partition']} data (heterogeneity {g['heterogeneity']:.3f}"
+def _clause(g: dict, label: str) -> str:
+    """One group's verdict: its best scale where ``distinct``, else that none is distinguishable, with the paired
+    difference against the other scale it fails against (else the nearest) and its seed spread."""
+    data = f"on {g['partition']} data (heterogeneity {g['heterogeneity']:.3f})"
     if len(g["values"]) == 1:
-        return f"{g['optimal']:g} on {data}; the only scale that has finished)"
-    ci, agree = f"{g['ci'][0]:g}-{g['ci'][1]:g}", f"{g['agreement']:.0%}"
-    detail = f"95% bootstrap CI {ci}, {agree} of resamples" if first else f"CI {ci}, {agree}"
-    return f"{g['optimal']:g} on {data}; {detail})"
+        return f"{data} only {g['optimal']:g} has finished"
+    other, p = min(g["paired"].items(), key=lambda kv: (kv[1]["distinct"], abs(kv[1]["diff"])))
+    diff = f"paired difference {p['diff']:+.3g} against {other:g}, 95% CI {p['ci'][0]:+.3g} to {p['ci'][1]:+.3g}"
+    unknown = "single seed" if p["seeds"] == 1 else "no seed in common"
+    spread = (f"seed spread {p['seed_spread']:.3g} over {p['seeds']} seeds" if p["seed_spread"] is not None else
+              f"{unknown}: seed spread unknown, so a second seed is needed to name a best")
+    if g["distinct"]:
+        return f"{data} the best {label} is {g['optimal']:g} ({diff}; {spread})"
+    top = "highest" if g["nll_because"] is None else "lowest"
+    return (f"{data} no {label} is distinguishable from the others: {g['optimal']:g} is {top} but not "
+            f"distinguishable ({diff}; {spread})")
 
 
 def sentences(groups: list[dict], label: str = "scaling factor") -> list[str]:
@@ -131,12 +169,12 @@ def sentences(groups: list[dict], label: str = "scaling factor") -> list[str]:
     out = []
     for (pp, alg, k, reason), gs in by.items():
         prefix = f"With {pp * 100:g}% participation of {k} clients ({_display(alg)})"
-        clauses, metric = _join([_clause(g, i == 0) for i, g in enumerate(gs)]), gs[0]["pass_metric"]
+        clauses, metric = "; ".join(_clause(g, label) for g in gs), gs[0]["pass_metric"]
         if reason is None:
-            out.append(f"{prefix}, the {label} that maximises HumanEval {metric} is {clauses}.")
+            out.append(f"{prefix}, ranked by HumanEval {metric}: {clauses}.")
             continue
         out.append(f"{prefix}, {metric} is 0 at every {label} on {_join([g['partition'] for g in gs])} data, so the "
-                   f"{label}s are ranked by HumanEval NLL instead: the best is {clauses}.")
+                   f"{label}s are ranked by HumanEval NLL (lower is better) instead: {clauses}.")
     return out
 
 

@@ -1,8 +1,10 @@
-"""Numerics of the sweep report: power-law fits, the bootstrapped optimal scale, compute-optimal size vs clients.
+"""Numerics of the sweep report: power-law fits, the bootstrapped optimal scale, paired differences between
+scales with their seed spread, compute-optimal size vs clients.
 
 Power law L(N) = E + A * N^-alpha as in Kaplan et al. 2020 ("Scaling Laws for Neural Language Models") and
 Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models"). Confidence intervals are percentile
-bootstraps (Efron & Tibshirani 1993) that resample HumanEval problems and training seeds, paired across scales.
+bootstraps (Efron & Tibshirani 1993) that resample HumanEval problems (and, for the optimum, training seeds),
+paired across scales. A bootstrap over problems cannot see seed-to-seed noise: ``seed_spread`` measures that.
 """
 
 from __future__ import annotations
@@ -131,6 +133,54 @@ def mean_ci(values, resamples: int = 1000, seed: int = 0) -> list[float]:
         return [float("nan"), float("nan")]
     means = _counts(np.random.default_rng(seed), resamples, values.size) @ values / values.size
     return [float(q) for q in np.quantile(means, [0.025, 0.975])]
+
+
+def seed_spread(per_seed) -> float | None:
+    """The report's one measure of seed noise: the sample standard deviation (ddof 1) of per-seed values (a
+    cell's mean metric per seed, or the per-seed difference of two cells), NaN left out; None (unknown) with
+    fewer than two seeds. Of two cells without shared seeds, the spread of a difference combines theirs in
+    quadrature (``answer.noniid_gaps``)."""
+    v = np.asarray(per_seed, float)
+    v = v[np.isfinite(v)]
+    return float(np.std(v, ddof=1)) if v.size > 1 else None
+
+
+def row_means(values) -> np.ndarray:
+    """Mean over the last axis, NaN skipped; NaN for a row with no value (a missing seed or problem)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row is NaN, as meant
+        return np.nanmean(np.asarray(values, float), axis=-1)
+
+
+def paired_difference(a, b, resamples: int = 1000, seed: int = 0) -> dict:
+    """Cell a minus cell b on the same problems; ``a`` and ``b`` are [seeds, problems], NaN where missing.
+
+    ``diff``: each problem's value averaged over seeds, then the mean over the problems both cells have of
+    a - b. ``ci``: its 95% percentile-bootstrap CI over problems, the same draw for both cells (resampling the
+    per-problem differences), so what both share, a problem's difficulty, cancels. ``seed_spread``: that of the
+    per-seed difference of the two cells' problem means, over the ``seeds`` both cells have."""
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    per_problem = row_means(a.T) - row_means(b.T)
+    per_problem = per_problem[np.isfinite(per_problem)]
+    per_seed = row_means(a - b)
+    diff = float(per_problem.mean()) if per_problem.size else float("nan")
+    return {"diff": diff, "ci": mean_ci(per_problem, resamples, seed), "seed_spread": seed_spread(per_seed),
+            "seeds": int(np.isfinite(per_seed).sum())}
+
+
+def paired_vs_best(values, scales, best, higher_is_better: bool = True, resamples: int = 1000) -> dict:
+    """``{scale: paired_difference(best, scale) + {"distinct"}}`` for every scale but ``best``, of ``values``
+    [scales, seeds, problems] as in ``bootstrap_optimum``. ``distinct``: the CI excludes 0 on the best's side
+    AND the difference exceeds its seed spread, so it is False wherever that spread is unknown (one seed)."""
+    scales, sign = [float(s) for s in scales], 1 if higher_is_better else -1
+    top, out = values[scales.index(float(best))], {}
+    for scale, other in zip(scales, values):
+        if scale != float(best):
+            p = paired_difference(top, other, resamples)
+            beyond_ci = min(sign * c for c in p["ci"]) > 0
+            beyond_seeds = p["seed_spread"] is not None and sign * p["diff"] > p["seed_spread"]
+            out[scale] = {**p, "distinct": bool(beyond_ci and beyond_seeds)}
+    return out
 
 
 def optimal_size(params, losses) -> tuple[float, bool]:

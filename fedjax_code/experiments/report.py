@@ -1,7 +1,8 @@
 """``fedjax-code report``: a sweep directory to results.csv, report.md, plots/*.png and answer.json.
 
-The answer is, for each (partition, participation, ...), the model scaling factor that maximises HumanEval
-pass@10, with a bootstrap CI over problems and seeds (chosen in ``answer.py``, numerics in ``fits.py``).
+The answer is, for each (partition, participation, ...), the scale with the highest HumanEval pass@10, named
+the best only where a paired bootstrap over problems and the seed spread both set it apart from every other scale
+(chosen in ``answer.py``, numerics in ``fits.py``); results.csv and report.md carry those paired differences.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from matplotlib.ticker import NullLocator
 
 from fedjax_code.experiments import fits
 from fedjax_code.experiments.algorithms_report import algorithms_section
-from fedjax_code.experiments.answer import (GROUP_AXES, answer_group, before_sentence, gap_sentence, has_value,
-                                           noniid_gaps, pass_metric, second_metric, sentences)
+from fedjax_code.experiments.answer import (GROUP_AXES, PAIRED_COLUMNS, answer_group, before_sentence, gap_sentence,
+                                           has_value, noniid_gaps, paired_columns, pass_metric, second_metric,
+                                           sentences)
 from fedjax_code.experiments.render import markdown_table, save, subplots
 from fedjax_code.experiments.results import AXES, before_results, load_sweep, round_records, scale_axis, scan
 from fedjax_code.experiments.tuning import read_chosen
@@ -226,6 +228,22 @@ def _clients_section(rows: list[dict], varying, plots: Path) -> str:
             "neighbours); the dashed line is the least-squares fit log N_opt = c - β log K.\n\n")
 
 
+def _paired_section(groups: list[dict], varying) -> str:
+    """Each group's scales against its top scale on the same problems: the PAIRED_COLUMNS of results.csv."""
+    body = [[_label(g, varying), scale, mean, *paired_columns(g, scale).values()]
+            for g in groups if g["paired"] for scale, mean in g["values"].items()]
+    if not body:
+        return ""
+    return ("## Paired differences\n\nEach scale of a group against the group's top scale (`paired_best`) on the same "
+            "HumanEval problems: `paired_diff_vs_best` is the top's mean minus the scale's (negative for "
+            "humaneval_nll, where lower is better), each problem averaged over seeds first, with a 95% bootstrap CI "
+            "that resamples problems, the same for both cells. That CI cannot see seed noise; the seed spread is the "
+            "standard deviation over seeds (ddof 1) of the per-seed difference (`paired_diff_seed_spread`) or of a "
+            "scale's mean (`metric_seed_spread`), blank with one seed. The answer names a best only where "
+            "`paired_distinct` holds against every other scale: the CI excludes 0 and the difference exceeds its "
+            "seed spread.\n\n" + markdown_table(("group", "scale", "mean", *PAIRED_COLUMNS), body) + "\n")
+
+
 # --- report.md and the entry point ------------------------------------------------------------------------------
 
 def _header(sweep: dict, answer: str, finished: int) -> str:
@@ -270,10 +288,11 @@ def write_report(sweep_dir) -> dict:
         write_atomic(root / "answer.json", json.dumps({"answer": answer, "groups": []}, indent=1) + "\n")
         write_atomic(root / "report.md", _header(sweep, answer, 0) + _missing_section(missing))
         return {"answer": answer, **out}
-    rows = [r for r, _ in done]
-    varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
     resamples = sweep["spec"]["report"]["bootstrap"]
-    groups = [answer_group(cells, resamples) for cells in _groups(done).values()]
+    answers = {key: answer_group(cells, resamples) for key, cells in _groups(done).items()}
+    groups = list(answers.values())
+    rows = [{**r, **paired_columns(answers[tuple(r[a] for a in GROUP_AXES)], r["scale"])} for r, _ in done]
+    varying = [a for a in AXES if len({r[a] for r in rows}) > 1]
     plots = root / "plots"
     plots.mkdir(exist_ok=True)
     partitions = {r["partition"] for r in rows}
@@ -289,8 +308,8 @@ def write_report(sweep_dir) -> dict:
     fits_plot, fits_table = _fits_section(done, varying, plots)
     results = markdown_table(MD_COLUMNS, [[r[c] for c in MD_COLUMNS] for r in rows])
     md = [_header(sweep, answer, len(done)), _data_section(rows), "## Results\n\n", results,
-          "\nAll columns are in results.csv.\n\n## Plots\n\n", _pass_section(done, varying, plots), fits_plot,
-          _curves_section(done, varying, plots)]
+          "\nAll columns are in results.csv.\n\n", _paired_section(groups, varying), "## Plots\n\n",
+          _pass_section(done, varying, plots), fits_plot, _curves_section(done, varying, plots)]
     produced = {"pass_at_k.png", "loss_fits.png", "curves.png"}
     if gaps:
         md.append(_gap_section(rows, varying, plots))

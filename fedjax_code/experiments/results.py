@@ -132,5 +132,6 @@ def scan(root: Path, sweep: dict) -> tuple[list[tuple[dict, Path]], list[dict]]:
 
 
 def results_rows(sweep_dir) -> list[dict]:
-    """One dict per finished cell: id, axes, flattened config and metrics (the columns of results.csv)."""
+    """One dict per finished cell: id, axes, flattened config and metrics: the columns of results.csv but the
+    paired differences between scales, which ``report.write_report`` adds (``answer.PAIRED_COLUMNS``)."""
     return [row for row, _ in scan(Path(sweep_dir), load_sweep(sweep_dir))[0]]
