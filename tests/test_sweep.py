@@ -58,9 +58,9 @@ def test_dry_run_lists_pretrained_cells_offline_without_weights(monkeypatch):
         assert 0 < by_model[source]["params_trainable"] < by_model[source]["params"] / 10  # LoRA adapters
     assert by_model["Qwen/Qwen2.5-Coder-3B"]["train_flops"] > by_model["HuggingFaceTB/SmolLM2-135M"]["train_flops"] * 15
     code, out, err = cli("sweep", "--config", "cpu-pretrained", "--dry-run")
-    assert code == 0 and len(out.splitlines()) == 6 and "6 cells" in err
+    assert code == 0 and len(out.splitlines()) == 12 and "12 cells" in err
     ranks = [json.loads(line) for line in out.splitlines()]
-    assert [r["params_trainable"] for r in ranks[::2]] == [230_400, 921_600, 3_686_400]  # 30 layers x r x (576+192)x2
+    assert [r["params_trainable"] for r in ranks[::4]] == [230_400, 921_600, 3_686_400]  # 30 layers x r x (576+192)x2
     code, _, err = cli("sweep", "--config", "cpu-pretrained", "--dry-run", "architectures={}")
     assert code == 2 and "records no architecture for the pretrained model 'smollm2-135m-instruct'" in err
 
