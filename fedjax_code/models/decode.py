@@ -303,6 +303,19 @@ def _fill(held: list, pending: collections.deque) -> list[int]:
     return filled
 
 
+def _place(state, config, new, held, pos, seed: int, stop_width: int, max_new_tokens: int) -> Slots:
+    """The slots with a cache window that holds every held slot plus a segment (grown, or shrunk by two steps or
+    more: fewer resizes, fewer compiles) and the ``new`` samples (slot, prompt cache, logits, length) inserted."""
+    window = window_length(max(pos[s] for s in range(len(held)) if held[s] is not None) + SEGMENT)
+    if state is None:
+        state = empty_slots(config, len(held), window, stop_width, max_new_tokens)
+    elif not 0 <= cache_length(state.cache) - window < 2 * WINDOW_STEP:
+        state = resize(state, window)
+    for s, cache, logits, length in new:
+        state = insert(state, s, cache, logits, length, sample_key(seed, *held[s]))
+    return state
+
+
 def sample_stream(params, config: ModelConfig, prompts: Sequence[Sequence[int]], n: int = 1, *, max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
                   pad_id: int = 0, stop_token_seqs=(), slots: int = SLOTS, skip=frozenset(),
@@ -331,13 +344,7 @@ def sample_stream(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
             for s, cache, *_ in new:
                 pos[s], num[s] = cache_length(cache), 0  # the prompt's padded width; nothing generated yet
             t0, compiles = time.perf_counter(), sum(TRACE_COUNTS.values())
-            window = window_length(max(pos[s] for s in range(slots) if held[s] is not None) + SEGMENT)
-            if state is None:
-                state = empty_slots(config, slots, window, stop_ids.shape[1], max_new_tokens)
-            elif not 0 <= cache_length(state.cache) - window < 2 * WINDOW_STEP:  # grow, or shrink by 2+ steps
-                state = resize(state, window)
-            for s, cache, logits, length in new:
-                state = insert(state, s, cache, logits, length, sample_key(seed, *held[s]))
+            state = _place(state, config, new, held, pos, seed, stop_ids.shape[1], max_new_tokens)
             refill_at = max(1, slots // 16) if pending else slots + 1
             state, steps = decode_segment(params, state, config, stop_ids, stop_valid, *scalars, jnp.int32(refill_at),
                                           steps=SEGMENT, max_new_tokens=max_new_tokens)
