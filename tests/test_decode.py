@@ -11,6 +11,7 @@ from scipy import stats as scipy_stats
 
 from fedjax_code.models import Decoder, get_preset, init_cache, init_params
 from fedjax_code.models import decode as D
+from fedjax_code.models import sampling as S
 
 BASE = dataclasses.replace(get_preset("cpu-0.25"), vocab_size=256, max_len=64)
 CONFIGS = {
@@ -165,7 +166,7 @@ def test_tiny_top_p_equals_greedy():
 
 def test_nucleus_filter_keeps_smallest_top_set():
     logits = jnp.log(jnp.array([[0.2, 0.5, 0.3], [0.2, 0.5, 0.3]]))
-    kept = lambda p: np.isfinite(np.asarray(D.nucleus_filter(logits, p)))[0].tolist()
+    kept = lambda p: np.isfinite(np.asarray(S.nucleus_filter(logits, p)))[0].tolist()
     assert kept(0.4) == [False, True, False]
     assert kept(0.7) == [False, True, True]
     assert kept(0.81) == [True, True, True]
@@ -179,7 +180,7 @@ def test_nucleus_filter_matches_sorted_reference():
         order = np.argsort(-probs, axis=-1)
         desc = np.take_along_axis(probs, order, -1)
         k = np.sum(np.cumsum(desc, -1) - desc < top_p, -1)  # size of the smallest set reaching top_p
-        got = np.isfinite(np.asarray(D.nucleus_filter(logits, top_p)))
+        got = np.isfinite(np.asarray(S.nucleus_filter(logits, top_p)))
         for b in range(4):
             assert set(np.flatnonzero(got[b])) == set(order[b, :k[b]])
 
@@ -276,7 +277,7 @@ def test_sampled_frequencies_match_the_nucleus(top_k):
     expected = _nucleus(logits / temperature, top_p)
     assert 3 < np.count_nonzero(expected) <= 16  # so that top_k=3 cannot hold the nucleus and 16 can
     keys = jax.random.split(jax.random.PRNGKey(1), draws)
-    tokens = jax.jit(lambda k: D.sample_tokens(jnp.broadcast_to(jnp.asarray(logits), (draws, 64)), k,
+    tokens = jax.jit(lambda k: S.sample_tokens(jnp.broadcast_to(jnp.asarray(logits), (draws, 64)), k,
                                                jnp.float32(temperature), jnp.float32(top_p), top_k=top_k))(keys)
     counts = np.bincount(np.asarray(tokens), minlength=64)
     assert not counts[expected == 0].any()  # nothing outside the nucleus
@@ -288,7 +289,7 @@ def test_cut_and_full_pass_rows_mix():
     """Rows whose nucleus the top-k holds and rows it does not, in one batch: each row keeps to its nucleus."""
     peaked, flat = np.zeros(64), np.zeros(64)
     peaked[7] = 10.0
-    tokens = np.asarray(D.sample_tokens(jnp.asarray(np.stack([peaked, flat] * 8)), jax.random.split(
+    tokens = np.asarray(S.sample_tokens(jnp.asarray(np.stack([peaked, flat] * 8)), jax.random.split(
         jax.random.PRNGKey(3), 16), jnp.float32(1.0), jnp.float32(0.95), top_k=4))
     assert (tokens[0::2] == 7).all() and len(set(tokens[1::2])) > 2
 

@@ -13,7 +13,7 @@ the module that is trained (``decoder.py`` defines the cache layout).
   (``window_length``: a multiple of 64) that holds every active slot plus one segment. The jitted loop
   (``decode_segment``) runs up to ``SEGMENT`` steps, or until ``refill_at`` slots finished, then the host
   refills slots and grows or shrinks W (``resize``). One compile per (model, S, W), not per prompt width.
-* **Nucleus sampling inside the top-k** (``sample_tokens``): exact wherever the top ``TOP_K`` tokens hold the
+* **Nucleus sampling inside the top-k** (``sampling.sample_tokens``): exact wherever the top-k tokens hold the
   nucleus; other rows take the full-vocabulary path.
 * **Reproducible samples.** Token t of sample j of prompt i is drawn with
   ``fold_in(fold_in(fold_in(PRNGKey(seed), i), j), t)``: it depends on (seed, i, j) only, never on the slot,
@@ -37,6 +37,7 @@ from jax import lax
 from fedjax_code.config import EvalConfig
 from fedjax_code.malloc import glibc_defaults
 from fedjax_code.models.decoder import POSITION_AXIS, Decoder, cache_length, init_cache
+from fedjax_code.models.sampling import sample_tokens
 from fedjax_code.models.scales import ModelConfig
 
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
@@ -46,8 +47,6 @@ SLOTS = EvalConfig.slots  # decode slots: the batch of every step
 SEGMENT = 16  # decode steps between host visits (refills and window changes)
 WINDOW_STEP = 64  # cache windows are multiples of this: one compile per window, each step reads the window only
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this: one prefill compile per bucket
-TOP_K = 128  # nucleus sampling searches the top TOP_K tokens first (``sample_tokens``)
-FULL_ROWS = 4  # rows whose nucleus is wider than the top TOP_K are drawn FULL_ROWS at a time
 
 
 def attention_mask(start: jax.Array, query_slots: jax.Array, cache_len: int) -> jax.Array:
@@ -94,71 +93,6 @@ def prefill(params, config: ModelConfig, tokens, lengths):
     mask = attention_mask(start, slots[None, :], p)
     logits, cache = Decoder(config).apply({"params": params}, tokens, positions, cache, 0, mask, logits_to_keep=1)
     return logits[:, 0], cache
-
-
-# ----------------------------------------------------------------------------- sampling one token
-
-def nucleus_filter(logits, top_p, iters: int = 32):
-    """Keep the smallest top set of tokens whose probability mass reaches top_p (Holtzman et al. 2020).
-
-    The probability threshold is found by bisection (largest t with mass(p >= t) >= top_p) instead of
-    sorting the vocabulary, which costs ~10 ms per step on XLA:CPU; ties at the threshold are all kept.
-    """
-    probs = jax.nn.softmax(logits, axis=-1)
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        ok = jnp.sum(jnp.where(probs >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo = jnp.zeros(probs.shape[:-1] + (1,), probs.dtype)
-    lo, _ = lax.fori_loop(0, iters, halve, (lo, jnp.max(probs, axis=-1, keepdims=True) * 1.001))
-    return jnp.where(probs >= lo, logits, -jnp.inf)
-
-
-def _categorical(keys, logits):
-    """One draw per row: keys [B,2], logits [B,N] -> [B] indices."""
-    return jax.vmap(jax.random.categorical)(keys, logits)
-
-
-def sample_tokens(logits, keys, temperature, top_p, rows=None, top_k: int = TOP_K):
-    """Token ids [B] from logits [B,V] with one key per row [B,2]: argmax when temperature <= 0, else a draw
-    from softmax(logits / T) restricted to the nucleus, the smallest set of most likely tokens whose mass
-    reaches top_p (Holtzman et al. 2020).
-
-    The approximation, and why it changes nothing: the nucleus is looked for among the top_k logits only, with
-    their probabilities normalised over the full vocabulary. Where the top_k mass reaches top_p, the nucleus lies
-    inside the cut, so the draw has exactly the full-vocabulary distribution. Rows where it does not (a flat
-    distribution; ``rows`` masks the rows that count) are drawn by the full pass (``nucleus_filter``), FULL_ROWS
-    rows at a time and only when some row needs it. A top_p of 1 samples the full softmax. Ties at the
-    nucleus' edge are broken by top_k's order here, and kept whole by the full pass.
-    """
-    def sample(_):
-        scaled = logits / temperature
-        vals, idx = lax.top_k(scaled, top_k)
-        probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the mass before a token is short of top_p
-        cut = jnp.take_along_axis(idx, _categorical(keys, jnp.where(keep, vals, -jnp.inf))[:, None], axis=1)[:, 0]
-        outside = (jnp.sum(probs, axis=-1) < top_p) | (top_p >= 1.0)
-        return _full_pass(scaled, keys, top_p, outside if rows is None else outside & rows, cut)
-
-    greedy = lambda _: jnp.argmax(logits, axis=-1)
-    return lax.cond(temperature > 0, sample, greedy, None).astype(jnp.int32)
-
-
-def _full_pass(scaled, keys, top_p, need, tokens):
-    """``tokens`` [B] with the rows in ``need`` redrawn from the full-vocabulary nucleus, FULL_ROWS rows per pass."""
-    chunk = min(FULL_ROWS, need.shape[0])
-    order = jnp.argsort(~need, stable=True)  # the rows in need first
-
-    def one(c, tokens):
-        at = lax.dynamic_slice(order, (c * chunk,), (chunk,))  # clamped at the end: a row may be redrawn, the same
-        logits = scaled[at]
-        nucleus = lax.cond(top_p < 1.0, nucleus_filter, lambda x, _: x, logits, top_p)
-        return tokens.at[at].set(jnp.where(need[at], _categorical(keys[at], nucleus), tokens[at]))
-
-    return lax.fori_loop(0, -(-jnp.sum(need) // chunk), one, tokens)
 
 
 def stop_arrays(stop_token_seqs) -> tuple[np.ndarray, np.ndarray]:
